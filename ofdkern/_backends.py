@@ -1,0 +1,116 @@
+"""Which kernels exist on this machine, and which one an op call runs on."""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import warnings
+
+import torch
+
+BACKENDS = ("auto", "triton", "cuda", "cpu", "reference")
+
+
+class BackendUnavailableError(RuntimeError):
+    """The requested backend is not built, or cannot run on the tensors' device."""
+
+
+def _load_extension():
+    if os.environ.get("OFDKERN_DISABLE_EXTENSION", "0") == "1":
+        return None, "disabled by OFDKERN_DISABLE_EXTENSION=1"
+    try:
+        return importlib.import_module("ofdkern._C"), None
+    except ImportError as error:  # not built (OFDKERN_NO_EXTENSION=1) or built against another torch
+        return None, f"ofdkern._C is not importable ({error}); reinstall ofdkern without OFDKERN_NO_EXTENSION"
+
+
+_EXTENSION, _EXTENSION_ERROR = _load_extension()
+
+
+def _has_kernel(op: str, dispatch_key: str) -> bool:
+    return _EXTENSION is not None and torch._C._dispatch_has_kernel_for_dispatch_key(op, dispatch_key)
+
+
+def _triton_problem() -> str | None:
+    """Why Triton cannot be imported, or None. Checked without importing it (that takes seconds)."""
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install triton)"
+    return None
+
+
+def _status() -> dict[str, dict]:
+    cuda_device = torch.cuda.is_available()
+    triton_problem = _triton_problem()
+    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    cpu_built = _has_kernel("ofdkern::ofd_fused", "CPU")
+    cuda_built = _has_kernel("ofdkern::ofd_fused", "CUDA")
+
+    def entry(built, devices, why_not):
+        return {"built": built, "devices": devices, "available": bool(devices), "reason": why_not}
+
+    triton_devices = []
+    if triton_problem is None:
+        if cuda_device:
+            triton_devices.append("cuda")
+        if interpret:
+            triton_devices.append("cpu")
+    if triton_problem is not None:
+        triton_why = triton_problem
+    elif not triton_devices:
+        triton_why = "no CUDA device; on CPU tensors it runs only under TRITON_INTERPRET=1 (set before import)"
+    else:
+        triton_why = None
+
+    if not cuda_built:
+        cuda_why = _EXTENSION_ERROR or (
+            "ofdkern._C was built without CUDA kernels (CPU-only torch, no nvcc, or no GPU at build time; "
+            "rebuild with OFDKERN_FORCE_CUDA=1)")
+    elif not cuda_device:
+        cuda_why = "built, but torch sees no CUDA device"
+    else:
+        cuda_why = None
+
+    return {
+        "triton": entry(triton_problem is None, triton_devices, triton_why),
+        "cuda": entry(cuda_built, ["cuda"] if cuda_built and cuda_device else [], cuda_why),
+        "cpu": entry(cpu_built, ["cpu"] if cpu_built else [], None if cpu_built else _EXTENSION_ERROR),
+        "reference": entry(True, ["cpu", "cuda"] if cuda_device else ["cpu"], None),
+    }
+
+
+# Computed once: op calls consult it on every call (also while torch.compile traces them).
+_STATUS = _status()
+
+
+def backend_status() -> dict[str, dict]:
+    """For each backend: ``built``, ``available`` (on some device of this machine), ``devices``
+    (the tensor device types it runs on) and ``reason`` (why it is unavailable, or None)."""
+    return {name: dict(entry, devices=list(entry["devices"])) for name, entry in _STATUS.items()}
+
+
+# Preference of "auto" per device type: fastest first.
+_AUTO_ORDER = {"cuda": ("cuda", "triton"), "cpu": ("cpu",)}
+_warned_fallback: set[str] = set()
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The backend that runs an op on tensors of ``device``; raises if ``backend`` cannot."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        for name in _AUTO_ORDER.get(device.type, ()):
+            if device.type in _STATUS[name]["devices"]:
+                return name
+        if device.type not in _warned_fallback:
+            _warned_fallback.add(device.type)
+            warnings.warn(
+                f"ofdkern: no fused kernel is available for {device.type} tensors, using the eager reference "
+                f"(see ofdkern.backend_status())", RuntimeWarning, stacklevel=3)
+        return "reference"
+    entry = _STATUS[backend]
+    if device.type not in entry["devices"]:
+        reason = entry["reason"] or f"it does not run on {device.type} tensors"
+        raise BackendUnavailableError(
+            f"backend {backend!r} cannot run on {device.type} tensors: {reason}. "
+            f"Available here: {[n for n, e in _STATUS.items() if device.type in e['devices']]}")
+    return backend

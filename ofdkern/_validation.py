@@ -1,0 +1,48 @@
+"""Argument checks shared by the public ops: one clear error naming the argument, before any kernel runs."""
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+REDUCTIONS = ("sum", "mean", "batchmean", "none")
+
+
+def check_tensor(name: str, value, *, min_dim: int = 0, max_dim: int = 64) -> None:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {value.dtype}")
+    if not min_dim <= value.dim() <= max_dim:
+        raise ValueError(f"{name} must have {min_dim} to {max_dim} dims, got shape {tuple(value.shape)}")
+
+
+def check_same_device(**tensors: torch.Tensor) -> None:
+    devices = {name: t.device for name, t in tensors.items()}
+    if len(set(devices.values())) > 1:
+        listed = ", ".join(f"{name} on {device}" for name, device in devices.items())
+        raise ValueError(f"tensors must be on one device, got {listed}")
+
+
+def check_reduction(reduction) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def check_ofd_args(student, teacher, margin, reduction) -> None:
+    """Features of 2 to 5 dims with channels on dim 1, identical shapes, a per-channel margin."""
+    check_tensor("student", student, min_dim=2, max_dim=5)
+    check_tensor("teacher", teacher, min_dim=2, max_dim=5)
+    if student.shape != teacher.shape:
+        raise ValueError(
+            f"student and teacher must have the same shape, got student {tuple(student.shape)} and "
+            f"teacher {tuple(teacher.shape)} (apply the connector to the student first)")
+    check_tensor("margin", margin)
+    channels = student.shape[1]
+    per_channel = (channels,)
+    broadcast = (1, channels) + (1,) * (student.dim() - 2)
+    if tuple(margin.shape) not in (per_channel, broadcast):
+        raise ValueError(
+            f"margin must have shape {per_channel} or {broadcast} for features of shape "
+            f"{tuple(student.shape)}, got {tuple(margin.shape)}")
+    check_same_device(student=student, teacher=teacher, margin=margin)
+    check_reduction(reduction)
