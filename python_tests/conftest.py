@@ -1,0 +1,30 @@
+import os
+
+import pytest
+import torch
+
+# Triton kernels run on CPU tensors only under its interpreter, which must be on before triton is imported
+# (ofdkern reads it once at import). On a GPU machine the real Triton runs instead.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import ofdkern  # noqa: E402
+
+STATUS = ofdkern.backend_status()
+
+
+def backends_for(device: str) -> list[str]:
+    """Fused backends that run on ``device`` here (the reference is the oracle, not a subject)."""
+    return [name for name in ("cpu", "triton", "cuda") if device in STATUS[name]["devices"]]
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+BACKEND_CASES = [
+    pytest.param(device, backend, id=f"{backend}-{device}",
+                 marks=[pytest.mark.gpu] if device == "cuda" else [])
+    for device in DEVICES for backend in backends_for(device)
+]
+
+
+def pytest_report_header(config):
+    return [f"ofdkern backends: " + ", ".join(f"{n}={e['devices']}" for n, e in STATUS.items())]
