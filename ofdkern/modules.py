@@ -1,0 +1,110 @@
+"""nn.Modules of OFD (Heo et al., ICCV 2019): the loss with its margin buffer, and the student connector."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from ._backends import BACKENDS
+from ._validation import check_reduction, check_tensor
+from .margins import margin_from_bn
+from .ops import ofd_loss
+
+
+def _margin_as_vector(margin: torch.Tensor) -> torch.Tensor:
+    """A (C,) or (1, C, 1, ...) margin as a detached (C,) copy."""
+    check_tensor("margin", margin, min_dim=1, max_dim=5)
+    shape = tuple(margin.shape)
+    broadcast = margin.dim() >= 2 and shape[0] == 1 and all(size == 1 for size in shape[2:])
+    if margin.dim() != 1 and not broadcast:
+        raise ValueError(f"margin must have shape (C,) or (1, C, 1, ...), got {shape}")
+    return margin.detach().reshape(-1).clone()
+
+
+class OFDLoss(nn.Module):
+    """OFD distillation loss with its per-channel margins: margin ReLU on the teacher feature, partial L2 to
+    the (connected) student feature. ``forward(student, teacher)`` is ``ofdkern.ofd_loss``.
+
+    Args:
+        margin: per-channel margins, shape (C,) or (1, C, 1, ...), any float dtype (it takes part in dtype
+            promotion like the reference's ``torch.max(t, m)``). Kept as a (C,) buffer, so it follows
+            ``.to(device)`` and is saved by ``state_dict``.
+        reduction: "sum" (the reference), "mean", "batchmean" or "none".
+        backend: "auto", "triton", "cuda", "cpu" or "reference"; resolved for the features' device at each call.
+
+    The teacher feature is used as given: detach it (as the reference distiller does) unless gradients to the
+    teacher are wanted.
+    """
+
+    margin: torch.Tensor
+
+    def __init__(self, margin: torch.Tensor, reduction: str = "sum", backend: str = "auto"):
+        super().__init__()
+        check_reduction(reduction)
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self.register_buffer("margin", _margin_as_vector(margin))
+        self.reduction = reduction
+        self.backend = backend
+
+    @classmethod
+    def from_bn(cls, bn: _BatchNorm, **kwargs) -> "OFDLoss":
+        """The loss with the margins of the teacher BatchNorm before the ReLU (``margin_from_bn``)."""
+        return cls(margin_from_bn(bn), **kwargs)
+
+    @property
+    def num_channels(self) -> int:
+        return self.margin.numel()
+
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        return ofd_loss(student, teacher, self.margin, reduction=self.reduction, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"channels={self.num_channels}, reduction={self.reduction!r}, backend={self.backend!r}"
+
+
+_CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_BATCH_NORMS = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+
+
+class Connector(nn.Sequential):
+    """The OFD student transform: a 1x1 convolution (no bias) to the teacher's channel count, then BatchNorm
+    (used in train mode).
+
+    Initialized like the reference ``build_feature_connector``: conv weights ~ N(0, 2 / (k * k * out_channels))
+    (He-normal over the fan-out), BN gamma 1 and beta 0. Being a Sequential of (conv, bn), its ``state_dict``
+    keys ("0.weight", "1.running_mean", ...) match the reference's, so reference checkpoints load.
+
+    Args:
+        in_channels: student channels.
+        out_channels: teacher channels.
+        dims: spatial dims of the features: 2 for (N, C, H, W) (default), 1 for (N, C, L), 3 for (N, C, D, H, W).
+        device, dtype: of the parameters.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, dims: int = 2, *,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        if dims not in _CONVS:
+            raise ValueError(f"dims must be 1, 2 or 3 (spatial dims of the features), got {dims!r}")
+        factory = {"device": device, "dtype": dtype}
+        super().__init__(
+            _CONVS[dims](in_channels, out_channels, kernel_size=1, bias=False, **factory),
+            _BATCH_NORMS[dims](out_channels, **factory),
+        )
+        self.reset_parameters()
+
+    @property
+    def conv(self) -> nn.Module:
+        return self[0]
+
+    @property
+    def bn(self) -> nn.Module:
+        return self[1]
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        fan_out = math.prod(self.conv.kernel_size) * self.conv.out_channels
+        self.conv.weight.normal_(0, math.sqrt(2.0 / fan_out))
+        self.bn.reset_parameters()  # gamma 1, beta 0, fresh running statistics
