@@ -10,6 +10,7 @@ GPU are present.
 """
 import glob
 import os
+import platform
 import sys
 
 from setuptools import find_packages, setup
@@ -42,6 +43,10 @@ def _extensions():
         sys.exit(f"ofdkern: OFDKERN_FORCE_CUDA=1 but the CUDA kernels cannot be built: {why_not}")
 
     cxx_flags = ["-O3"]
+    if platform.machine() in ("x86_64", "AMD64"):
+        # Hardware float16 <-> float32 conversion (every x86-64 CPU since 2012 has F16C): without it c10::Half
+        # converts in software and the fp16 CPU kernel runs ~15x slower than the bfloat16 one.
+        cxx_flags.append("-mf16c")
     if why_not is None:
         print(f"ofdkern: building the CPU and CUDA kernels (CUDA_HOME={cpp_extension.CUDA_HOME})")
         ext = cpp_extension.CUDAExtension(

@@ -8,6 +8,10 @@
 #include <array>
 #include <type_traits>
 
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
+
 #include "ofd_fused.h"
 #include "ofd_math.h"
 
@@ -42,18 +46,53 @@ using LossOnly = Writes<false, false>;
 using LossAndStudentGrad = Writes<true, false>;
 using AnyOutputs = Writes<false, true>;
 
-template <typename W, typename scalar_t, typename acc_t>
-inline acc_t ofd_element(const CpuPointers<scalar_t, acc_t>& p, int64_t i, acc_t m) {
-  const acc_t t = static_cast<acc_t>(p.teacher[i]);
-  const auto point = ofd_point<acc_t>(static_cast<acc_t>(p.student[i]), t, m);
-  if constexpr (W::grad_student) p.grad_student[i] = static_cast<scalar_t>(point.d_student);
-  if constexpr (W::checked) {
-    if (p.loss_elems) p.loss_elems[i] = point.loss;
-    if (p.grad_student) p.grad_student[i] = static_cast<scalar_t>(point.d_student);
-    if (p.grad_teacher) p.grad_teacher[i] = static_cast<scalar_t>(teacher_grad(point.d_student, t, m));
-    if (p.grad_margin) p.grad_margin[i] = margin_grad(point.d_student, t, m);
+// Elements converted to the accumulation type at a time: half-precision loads and stores go through
+// small buffers so the math loop is the same vectorized float loop for every dtype.
+constexpr int64_t kTile = 256;
+
+template <typename from_t, typename to_t>
+inline void convert(const from_t* src, to_t* dst, int64_t n) {
+  int64_t i = 0;
+#if defined(__F16C__)
+  // c10::Half converts one value per call; F16C converts eight per instruction.
+  if constexpr (std::is_same_v<from_t, c10::Half> && std::is_same_v<to_t, float>) {
+    for (; i + 8 <= n; i += 8) {
+      const __m128i half8 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
+      _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(half8));
+    }
+  } else if constexpr (std::is_same_v<from_t, float> && std::is_same_v<to_t, c10::Half>) {
+    for (; i + 8 <= n; i += 8) {
+      const __m128i half8 = _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), half8);
+    }
   }
-  return point.loss;
+#endif
+  for (; i < n; ++i) dst[i] = static_cast<to_t>(src[i]);
+}
+
+// A tile of an input in the accumulation type: the data itself when no conversion is needed.
+template <typename acc_t, typename scalar_t>
+inline const acc_t* load_tile(const scalar_t* src, int64_t n, acc_t* buffer) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return src;
+  } else {
+    convert(src, buffer, n);
+    return buffer;
+  }
+}
+
+// Where the math writes a tile of an output: the output itself, or a buffer stored by store_tile.
+template <typename acc_t, typename out_t>
+inline acc_t* output_tile(out_t* out, acc_t* buffer) {
+  if constexpr (std::is_same_v<out_t, acc_t>) return out;
+  else return out ? buffer : nullptr;
+}
+
+template <typename acc_t, typename out_t>
+inline void store_tile(const acc_t* tile, out_t* out, int64_t n) {
+  if constexpr (!std::is_same_v<out_t, acc_t>) {
+    if (out) convert(tile, out, n);
+  }
 }
 
 // Memory offsets [begin, end) whose margins are margin_run[0], margin_run[step], margin_run[2 * step], ...
@@ -61,14 +100,35 @@ inline acc_t ofd_element(const CpuPointers<scalar_t, acc_t>& p, int64_t i, acc_t
 template <typename W, int64_t step, typename scalar_t, typename acc_t>
 inline void ofd_run(const CpuPointers<scalar_t, acc_t>& p, int64_t begin, int64_t end,
                     const acc_t* margin_run, std::array<acc_t, kLanes>& lanes) {
-  const int64_t n = end - begin;
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes) {
-    for (int lane = 0; lane < kLanes; ++lane) {
-      lanes[lane] += ofd_element<W>(p, begin + j + lane, margin_run[(j + lane) * step]);
+  acc_t student_buf[kTile], teacher_buf[kTile], grad_student_buf[kTile], grad_teacher_buf[kTile];
+  for (int64_t tile = begin; tile < end; tile += kTile) {
+    const int64_t n = std::min(kTile, end - tile);
+    const acc_t* s = load_tile<acc_t>(p.student + tile, n, student_buf);
+    const acc_t* t = load_tile<acc_t>(p.teacher + tile, n, teacher_buf);
+    const acc_t* m = margin_run + (tile - begin) * step;
+    acc_t* d_s = output_tile<acc_t>(p.grad_student ? p.grad_student + tile : nullptr, grad_student_buf);
+    acc_t* d_t = output_tile<acc_t>(p.grad_teacher ? p.grad_teacher + tile : nullptr, grad_teacher_buf);
+    acc_t* loss = p.loss_elems ? p.loss_elems + tile : nullptr;
+    acc_t* d_m = p.grad_margin ? p.grad_margin + tile : nullptr;
+    auto element = [&](int64_t k) {
+      const auto point = ofd_point<acc_t>(s[k], t[k], m[k * step]);
+      if constexpr (W::grad_student) d_s[k] = point.d_student;
+      if constexpr (W::checked) {
+        if (loss) loss[k] = point.loss;
+        if (d_s) d_s[k] = point.d_student;
+        if (d_t) d_t[k] = teacher_grad(point.d_student, t[k], m[k * step]);
+        if (d_m) d_m[k] = margin_grad(point.d_student, t[k], m[k * step]);
+      }
+      return point.loss;
+    };
+    int64_t k = 0;
+    for (; k + kLanes <= n; k += kLanes) {
+      for (int lane = 0; lane < kLanes; ++lane) lanes[lane] += element(k + lane);
     }
+    for (; k < n; ++k) lanes[k % kLanes] += element(k);
+    store_tile(d_s, p.grad_student ? p.grad_student + tile : nullptr, n);
+    store_tile(d_t, p.grad_teacher ? p.grad_teacher + tile : nullptr, n);
   }
-  for (; j < n; ++j) lanes[j % kLanes] += ofd_element<W>(p, begin + j, margin_run[j * step]);
 }
 
 // One chunk of memory offsets, split into runs of one channel (NCHW-like) or of consecutive channels
