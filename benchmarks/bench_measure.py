@@ -33,7 +33,7 @@ class Budget:
 
 
 QUICK_BUDGET = Budget(warmup=1, min_reps=3, max_reps=10, target_s=0.15)
-FULL_BUDGET = Budget(warmup=1, min_reps=5, max_reps=50, target_s=0.5)
+FULL_BUDGET = Budget(warmup=1, min_reps=3, max_reps=50, target_s=1.0)
 GPU_QUICK_BUDGET = Budget(warmup=3, min_reps=10, max_reps=100, target_s=0.1)
 GPU_FULL_BUDGET = Budget(warmup=3, min_reps=20, max_reps=200, target_s=0.2)
 
