@@ -203,14 +203,35 @@ def test_gradcheck_float64(device, backend):
 
 
 @pytest.mark.parametrize("device,backend", BACKEND_CASES)
-def test_grad_output_scales_without_changing_forward(device, backend):
+def test_grad_output_scales_the_gradient(device, backend):
     student, teacher = make_features((2, 4, 3, 3), torch.float32, device)
     margin = make_margin(4, torch.float32, device)
     student.requires_grad_()
-    loss = ofdkern.ofd_loss(student, teacher, margin, reduction="mean", backend=backend)
-    (grad,) = torch.autograd.grad(loss * -7.5, student, retain_graph=True)
-    (unit,) = torch.autograd.grad(loss, student)
-    torch.testing.assert_close(grad, unit * -7.5)
+
+    def grad_of(weight):
+        loss = ofdkern.ofd_loss(student, teacher, margin, reduction="mean", backend=backend)
+        return torch.autograd.grad(loss * weight, student)[0]
+
+    torch.testing.assert_close(grad_of(-7.5), grad_of(1.0) * -7.5)
+
+
+@pytest.mark.parametrize("device,backend", BACKEND_CASES)
+def test_second_backward_through_a_retained_graph(device, backend):
+    student, teacher = make_features((2, 4, 3, 3), torch.float32, device)
+    student.requires_grad_()
+    loss = ofdkern.ofd_loss(student, teacher, make_margin(4, torch.float32, device), backend=backend)
+    (first,) = torch.autograd.grad(loss, student, retain_graph=True)
+    (second,) = torch.autograd.grad(loss * 2, student)
+    torch.testing.assert_close(second, first * 2)
+
+
+@pytest.mark.parametrize("device,backend", BACKEND_CASES)
+def test_double_backward_is_refused(device, backend):
+    student, teacher = make_features((2, 4, 3, 3), torch.float32, device)
+    student.requires_grad_()
+    loss = ofdkern.ofd_loss(student, teacher, make_margin(4, torch.float32, device), backend=backend)
+    with pytest.raises(RuntimeError, match="do not support double backward"):
+        torch.autograd.grad(loss, student, create_graph=True)
 
 
 @pytest.mark.parametrize("device,backend", BACKEND_CASES)

@@ -102,7 +102,17 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
+def _scaled(buffer: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``buffer * scale`` in ``dtype``, out of place: the saved buffer must stay intact for a second backward
+    through a retained graph (gradcheck does that)."""
+    return (buffer * scale).to(dtype)
+
+
 def _backward(ctx, grad_loss, *_unused):
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        # The saved gradients are constants to autograd: second-order terms would silently be missing.
+        raise RuntimeError("ofd_loss: the fused backends do not support double backward (create_graph=True); "
+                           "use backend='reference'")
     d_student, d_teacher, d_margin = ctx.saved_tensors
     grads = [None] * 8
     if grad_loss is None:
@@ -111,9 +121,9 @@ def _backward(ctx, grad_loss, *_unused):
     scale = grad_loss if ctx.reduction == "none" else grad_loss / ctx.count
     student_dtype, teacher_dtype, margin_dtype = ctx.dtypes
     if ctx.needs_input_grad[0]:
-        grads[0] = (d_student * scale).to(student_dtype)
+        grads[0] = _scaled(d_student, scale, student_dtype)
     if ctx.needs_input_grad[1]:
-        grads[1] = (d_teacher * scale).to(teacher_dtype)
+        grads[1] = _scaled(d_teacher, scale, teacher_dtype)
     if ctx.needs_input_grad[2]:
         channel_sum_dims = [d for d in range(d_margin.dim()) if d != 1]
         per_channel = (d_margin * scale).sum(dim=channel_sum_dims)
