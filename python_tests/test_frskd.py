@@ -339,3 +339,33 @@ def test_frskd_training_smoke():
         losses.append(loss.item())
     assert all(torch.isfinite(torch.tensor(losses)))
     assert sum(losses[-3:]) / 3 < 0.75 * sum(losses[:3]) / 3, losses
+
+
+@pytest.mark.parametrize("device,backend", BACKEND_CASES)
+def test_empty_batch_sums_to_zero(device, backend):
+    # The reference's view(N, -1) cannot take an empty batch; the fused losses give 0 like a sum over nothing.
+    s = torch.randn(0, 3, 4, 4, device=device, requires_grad=True)
+    loss = ofdkern.attention_transfer_loss(s, torch.randn(0, 5, 4, 4, device=device), reduction="sum", backend=backend)
+    assert loss.item() == 0 and torch.autograd.grad(loss, s)[0].shape == s.shape
+    z = torch.randn(0, 10, device=device, requires_grad=True)
+    loss = ofdkern.kd_loss(z, z.detach(), reduction="sum", backend=backend)
+    assert loss.item() == 0 and torch.autograd.grad(loss, z)[0].shape == z.shape
+
+
+def test_cpu_results_do_not_depend_on_thread_count():
+    s, t = features((4, 16, 40, 40), (4, 16, 40, 40), torch.float32)
+    zs, zt = logits(4, 30000, torch.float32)
+
+    def once():
+        loss = ofdkern.attention_transfer_loss(s, t, backend="cpu") + ofdkern.kd_loss(zs, zt, backend="cpu")
+        return (loss, *torch.autograd.grad(loss, (s, t, zs, zt)))
+
+    first = once()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        second = once()
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
