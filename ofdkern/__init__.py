@@ -1,8 +1,9 @@
 """ofdkern: fused kernels for feature knowledge distillation losses."""
 from ._backends import BACKENDS, BackendUnavailableError, backend_status
+from .frskd import FRSKDLoss, SelfTeacher
 from .margins import DataMarginEstimator, margin_from_bn
 from .modules import Connector, OFDLoss
-from .ops import ofd_loss
+from .ops import attention_transfer_loss, kd_loss, ofd_loss
 
 __version__ = "0.1.0"
 
@@ -11,8 +12,12 @@ __all__ = [
     "BackendUnavailableError",
     "Connector",
     "DataMarginEstimator",
+    "FRSKDLoss",
     "OFDLoss",
+    "SelfTeacher",
+    "attention_transfer_loss",
     "backend_status",
+    "kd_loss",
     "margin_from_bn",
     "ofd_loss",
 ]

@@ -1,6 +1,8 @@
 """Argument checks shared by the public ops: one clear error naming the argument, before any kernel runs."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -45,4 +47,40 @@ def check_ofd_args(student, teacher, margin, reduction) -> None:
             f"margin must have shape {per_channel} or {broadcast} for features of shape "
             f"{tuple(student.shape)}, got {tuple(margin.shape)}")
     check_same_device(student=student, teacher=teacher, margin=margin)
+    check_reduction(reduction)
+
+
+def check_positive_number(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+
+
+AT_REDUCTIONS = ("mean", "sum", "batchmean")
+
+
+def check_attention_transfer_args(f_student, f_teacher, p, reduction) -> None:
+    """Features of 2 to 5 dims, channels on dim 1 (they may differ: the maps average them out), equal batch
+    and spatial sizes."""
+    check_tensor("f_student", f_student, min_dim=2, max_dim=5)
+    check_tensor("f_teacher", f_teacher, min_dim=2, max_dim=5)
+    if f_student.shape[:1] + f_student.shape[2:] != f_teacher.shape[:1] + f_teacher.shape[2:]:
+        raise ValueError(
+            f"f_student and f_teacher must have the same batch and spatial sizes (channels may differ), got "
+            f"f_student {tuple(f_student.shape)} and f_teacher {tuple(f_teacher.shape)}")
+    check_positive_number("p", p)
+    check_same_device(f_student=f_student, f_teacher=f_teacher)
+    if reduction not in AT_REDUCTIONS:
+        raise ValueError(f"reduction must be one of {AT_REDUCTIONS}, got {reduction!r}")
+
+
+def check_kd_args(student_logits, teacher_logits, temperature, reduction) -> None:
+    """(N, K) logits of the same shape, a positive temperature."""
+    check_tensor("student_logits", student_logits, min_dim=2, max_dim=2)
+    check_tensor("teacher_logits", teacher_logits, min_dim=2, max_dim=2)
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student_logits and teacher_logits must have the same shape (N, K), got "
+            f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}")
+    check_positive_number("temperature", temperature)
+    check_same_device(student_logits=student_logits, teacher_logits=teacher_logits)
     check_reduction(reduction)

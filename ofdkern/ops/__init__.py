@@ -1,4 +1,5 @@
 """Fused ops: each module registers its custom ops (kernels, autograd, fake kernels) with torch.library."""
+from .frskd import attention_transfer_loss, kd_loss
 from .ofd import ofd_loss
 
-__all__ = ["ofd_loss"]
+__all__ = ["attention_transfer_loss", "kd_loss", "ofd_loss"]

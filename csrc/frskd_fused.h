@@ -1,0 +1,76 @@
+// Contracts of the fused FRSKD ops shared by their kernels: argument checks and output allocation.
+//
+// Schemas (defined in frskd_op.cpp; the Triton kernels in ofdkern/kernels/frskd_triton.py take the same):
+//   attention_map(Tensor feature, float p) -> Tensor
+//       feature: (N, C, S) with any strides (the caller merges the spatial dims into S).
+//       Returns a = mean_c(feature^p) as a contiguous (N, S) tensor in the accumulation dtype.
+//   attention_map_backward(Tensor feature, Tensor grad_map, float p) -> Tensor
+//       grad_map: contiguous (N, S) in the accumulation dtype. Returns d<grad_map, a>/d feature with
+//       feature's sizes, strides and dtype (feature must be non-overlapping and dense).
+//   kd_fused(Tensor student, Tensor teacher, float temperature, bool grad_student, bool grad_teacher)
+//       -> (Tensor row_loss, Tensor grad_student, Tensor grad_teacher)
+//       student, teacher: contiguous (N, K) logits of one dtype. row_loss: (N,) KL * T^2 per row in the
+//       accumulation dtype. The gradients are those of sum(row_loss), like the logits, or empty when not asked.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cmath>
+#include <tuple>
+
+#include "ofd_fused.h"
+
+namespace ofdkern {
+
+inline void check_attention_feature(const at::Tensor& feature, const char* op) {
+  TORCH_CHECK(feature.dim() == 3, op, ": feature must be (N, C, S), got shape ", feature.sizes());
+  TORCH_CHECK(at::isFloatingType(feature.scalar_type()), op, ": feature must be floating point, got ",
+              feature.scalar_type());
+}
+
+inline at::Tensor allocate_attention_map(const at::Tensor& feature) {
+  check_attention_feature(feature, "attention_map");
+  return at::empty({feature.size(0), feature.size(2)},
+                   feature.options().dtype(accumulation_dtype(feature.scalar_type())));
+}
+
+inline at::Tensor allocate_attention_feature_grad(const at::Tensor& feature, const at::Tensor& grad_map) {
+  check_attention_feature(feature, "attention_map_backward");
+  TORCH_CHECK(feature.is_non_overlapping_and_dense(),
+              "attention_map_backward: feature must be non-overlapping and dense");
+  const auto acc = accumulation_dtype(feature.scalar_type());
+  TORCH_CHECK(grad_map.dim() == 2 && grad_map.size(0) == feature.size(0) &&
+                  grad_map.size(1) == feature.size(2) && grad_map.is_contiguous() &&
+                  grad_map.scalar_type() == acc,
+              "attention_map_backward: grad_map must be a contiguous (", feature.size(0), ", ",
+              feature.size(2), ") tensor of dtype ", acc, ", got shape ", grad_map.sizes(), " dtype ",
+              grad_map.scalar_type());
+  TORCH_CHECK(feature.device() == grad_map.device(),
+              "attention_map_backward: feature and grad_map must be on one device");
+  return at::empty_strided(feature.sizes(), feature.strides(), feature.options());
+}
+
+using KDOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+
+inline KDOutputs allocate_kd_outputs(const at::Tensor& student, const at::Tensor& teacher,
+                                     double temperature, bool grad_student, bool grad_teacher) {
+  TORCH_CHECK(student.dim() == 2, "kd_fused: student must be (N, K) logits, got shape ", student.sizes());
+  TORCH_CHECK(student.sizes() == teacher.sizes(), "kd_fused: student ", student.sizes(), " and teacher ",
+              teacher.sizes(), " differ in shape");
+  TORCH_CHECK(student.scalar_type() == teacher.scalar_type(), "kd_fused: student dtype ",
+              student.scalar_type(), " differs from teacher dtype ", teacher.scalar_type());
+  TORCH_CHECK(at::isFloatingType(student.scalar_type()), "kd_fused: logits must be floating point, got ",
+              student.scalar_type());
+  TORCH_CHECK(student.is_contiguous() && teacher.is_contiguous(), "kd_fused: logits must be contiguous");
+  TORCH_CHECK(student.device() == teacher.device(), "kd_fused: student and teacher must be on one device");
+  TORCH_CHECK(temperature > 0 && std::isfinite(temperature),
+              "kd_fused: temperature must be positive and finite, got ", temperature);
+  const auto acc_options = student.options().dtype(accumulation_dtype(student.scalar_type()));
+  auto maybe = [](bool wanted, const at::Tensor& like) {
+    return wanted ? at::empty_like(like) : at::empty({0}, like.options());
+  };
+  return {at::empty({student.size(0)}, acc_options), maybe(grad_student, student),
+          maybe(grad_teacher, teacher)};
+}
+
+}  // namespace ofdkern

@@ -1,0 +1,248 @@
+"""The fused FRSKD losses (Ji et al., CVPR 2021) as torch.library custom ops: attention transfer between
+feature maps and soft-label KD between logits.
+
+Attention transfer: the forward kernel reads each feature map once and writes only its (N, positions)
+attention map; normalization, loss and the map gradients run on those small maps; the backward kernel reads
+each feature once more to write its gradient. KD: one kernel per row computes the loss with an online
+max/sum and writes the logit gradients in the same call, so backward only scales them.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import reference
+from .._backends import resolve_backend
+from .._validation import check_attention_transfer_args, check_kd_args
+
+# F.normalize's eps: the attention map norm is clamped below at this value.
+NORMALIZE_EPS = 1e-12
+
+
+def _kernels(backend: str):
+    """(attention_map, attention_map_backward, kd_fused) of ``backend``, with the contracts of csrc/frskd_fused.h."""
+    if backend == "triton":
+        from ..kernels import frskd_triton
+
+        return frskd_triton.attention_map, frskd_triton.attention_map_backward, frskd_triton.kd_fused
+    # "cpu" and "cuda" are the C++ ops; the tensors' device picks the kernel.
+    ops = torch.ops.ofdkern
+    return ops.attention_map.default, ops.attention_map_backward.default, ops.kd_fused.default
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _as_positions(feature: torch.Tensor) -> torch.Tensor:
+    """``feature`` as a dense (N, C, positions) tensor: a view for NCHW and channels_last layouts (their
+    spatial dims merge), a contiguous copy otherwise."""
+    batch, channels = feature.shape[:2]
+    positions = math.prod(feature.shape[2:])
+    merged = feature.reshape(batch, channels, positions)
+    channels_inner = merged.stride() == (channels * positions, 1, channels)
+    return merged if merged.is_contiguous() or channels_inner else merged.contiguous()
+
+
+def _reduction_count(shape, reduction: str) -> int:
+    if reduction == "mean":
+        return shape.numel()
+    if reduction == "batchmean":
+        return shape[0]
+    return 1
+
+
+def _normalize_backward(grad: torch.Tensor, normalized: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    """d/d a of <grad, a / max(|a|, eps)> per row, as autograd takes it through F.normalize: the projection
+    off the row's direction above eps, a plain division by eps below it."""
+    projected = (grad - normalized * (normalized * grad).sum(dim=1, keepdim=True)) / norm.clamp_min(NORMALIZE_EPS)
+    return torch.where(norm >= NORMALIZE_EPS, projected, grad / NORMALIZE_EPS)
+
+
+def _attention_transfer_on_maps(map_student: torch.Tensor, map_teacher: torch.Tensor):
+    """Sum of squared differences of the normalized maps and its gradients wrt both maps."""
+    dtype = torch.promote_types(map_student.dtype, map_teacher.dtype)
+    maps = (map_student.to(dtype), map_teacher.to(dtype))
+    norms = [torch.linalg.vector_norm(m, dim=1, keepdim=True) for m in maps]
+    normalized = [m / n.clamp_min(NORMALIZE_EPS) for m, n in zip(maps, norms)]
+    diff = normalized[0] - normalized[1]
+    grad_normalized = 2 * diff
+    grad_student = _normalize_backward(grad_normalized, normalized[0], norms[0])
+    grad_teacher = _normalize_backward(-grad_normalized, normalized[1], norms[1])
+    return diff.square().sum(), grad_student.to(map_student.dtype), grad_teacher.to(map_teacher.dtype)
+
+
+@torch.library.custom_op("ofdkern::attention_transfer_fused", mutates_args=())
+def attention_transfer_fused(f_student: torch.Tensor, f_teacher: torch.Tensor, p: float, reduction: str,
+                             backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (loss, d loss/d student map, d loss/d teacher map); the map gradients are for a unit upstream
+    gradient without the reduction's scaling, as (N, positions) tensors in the accumulation dtypes."""
+    attention_map, _, _ = _kernels(backend)
+    map_student = attention_map(_as_positions(f_student), p)
+    map_teacher = attention_map(_as_positions(f_teacher), p)
+    total, grad_student, grad_teacher = _attention_transfer_on_maps(map_student, map_teacher)
+    loss = total / _reduction_count(map_student.shape, reduction)
+    return loss.to(torch.promote_types(f_student.dtype, f_teacher.dtype)), grad_student, grad_teacher
+
+
+@attention_transfer_fused.register_fake
+def _(f_student, f_teacher, p, reduction, backend):
+    positions = math.prod(f_student.shape[2:])
+
+    def map_like(feature):
+        return feature.new_empty((feature.shape[0], positions), dtype=accumulation_dtype(feature.dtype))
+
+    loss = f_student.new_empty((), dtype=torch.promote_types(f_student.dtype, f_teacher.dtype))
+    return loss, map_like(f_student), map_like(f_teacher)
+
+
+@torch.library.custom_op("ofdkern::attention_map_grad", mutates_args=())
+def attention_map_grad(feature: torch.Tensor, grad_map: torch.Tensor, p: float, backend: str) -> torch.Tensor:
+    """d <grad_map, attention map of feature> / d feature: one more read of the feature."""
+    _, attention_map_backward, _ = _kernels(backend)
+    return attention_map_backward(_as_positions(feature), grad_map.contiguous(), p).view(feature.shape)
+
+
+@attention_map_grad.register_fake
+def _(feature, grad_map, p, backend):
+    merged = _as_positions(feature)
+    return torch.empty_strided(merged.shape, merged.stride(), dtype=feature.dtype,
+                               device=feature.device).view(feature.shape)
+
+
+def _attention_setup_context(ctx, inputs, output):
+    f_student, f_teacher, p, reduction, backend = inputs
+    _, grad_map_student, grad_map_teacher = output
+    ctx.save_for_backward(f_student, f_teacher, grad_map_student, grad_map_teacher)
+    ctx.p = p
+    ctx.backend = backend
+    ctx.count = _reduction_count(grad_map_student.shape, reduction)
+    ctx.set_materialize_grads(False)
+
+
+def _attention_backward(ctx, grad_loss, *_unused):
+    grads = [None] * 5
+    if grad_loss is None:
+        return tuple(grads)
+    f_student, f_teacher, grad_map_student, grad_map_teacher = ctx.saved_tensors
+    scale = grad_loss / ctx.count  # 0-dim: stays on device
+    for index, (feature, grad_map) in enumerate(((f_student, grad_map_student), (f_teacher, grad_map_teacher))):
+        if ctx.needs_input_grad[index]:
+            grads[index] = attention_map_grad(feature, (grad_map * scale).to(grad_map.dtype), ctx.p, ctx.backend)
+    return tuple(grads)
+
+
+attention_transfer_fused.register_autograd(_attention_backward, setup_context=_attention_setup_context)
+
+
+def _kd_reduce(row_loss: torch.Tensor, classes: int, reduction: str) -> torch.Tensor:
+    if reduction == "none":
+        return row_loss
+    return row_loss.sum() / _kd_count(row_loss.shape[0], classes, reduction)
+
+
+def _kd_count(rows: int, classes: int, reduction: str) -> int:
+    return {"sum": 1, "batchmean": rows, "mean": rows * classes}[reduction]
+
+
+@torch.library.custom_op("ofdkern::kd_loss_fused", mutates_args=())
+def kd_loss_fused(student: torch.Tensor, teacher: torch.Tensor, temperature: float, reduction: str, backend: str,
+                  grad_student: bool, grad_teacher: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (loss, d sum(row losses)/d student, d sum(row losses)/d teacher); gradients not asked for are
+    empty."""
+    dtype = torch.promote_types(student.dtype, teacher.dtype)
+    _, _, kd_fused = _kernels(backend)
+    row_loss, d_student, d_teacher = kd_fused(student.to(dtype).contiguous(), teacher.to(dtype).contiguous(),
+                                              temperature, grad_student, grad_teacher)
+    return _kd_reduce(row_loss, student.shape[1], reduction).to(dtype), d_student, d_teacher
+
+
+@kd_loss_fused.register_fake
+def _(student, teacher, temperature, reduction, backend, grad_student, grad_teacher):
+    dtype = torch.promote_types(student.dtype, teacher.dtype)
+    loss = student.new_empty((student.shape[0],) if reduction == "none" else (), dtype=dtype)
+
+    def maybe(wanted):
+        return student.new_empty(student.shape if wanted else (0,), dtype=dtype)
+
+    return loss, maybe(grad_student), maybe(grad_teacher)
+
+
+def _kd_setup_context(ctx, inputs, output):
+    student, teacher, _temperature, reduction, *_rest = inputs
+    ctx.save_for_backward(*output[1:])
+    ctx.reduction = reduction
+    ctx.count = _kd_count(student.shape[0], student.shape[1], reduction) if reduction != "none" else 1
+    ctx.dtypes = (student.dtype, teacher.dtype)
+    ctx.set_materialize_grads(False)
+
+
+def _kd_backward(ctx, grad_loss, *_unused):
+    grads = [None] * 7
+    if grad_loss is None:
+        return tuple(grads)
+    d_student, d_teacher = ctx.saved_tensors
+    # "none": one upstream gradient per row; otherwise a 0-dim scale (no host sync).
+    scale = grad_loss.unsqueeze(1) if ctx.reduction == "none" else grad_loss / ctx.count
+    for index, grad in enumerate((d_student, d_teacher)):
+        if ctx.needs_input_grad[index]:
+            grads[index] = (grad * scale).to(ctx.dtypes[index])
+    return tuple(grads)
+
+
+kd_loss_fused.register_autograd(_kd_backward, setup_context=_kd_setup_context)
+
+
+def attention_transfer_loss(f_student: torch.Tensor, f_teacher: torch.Tensor, *, p: float = 2,
+                            reduction: str = "mean", backend: str = "auto") -> torch.Tensor:
+    """Attention transfer loss of FRSKD / Zagoruyko & Komodakis: per sample, ``a = mean_c(f**p)`` at each
+    position, L2-normalized over positions (eps 1e-12); the loss is the squared difference of the two maps.
+
+    A drop-in for the reference ``at_loss(f_s, f_t)`` (= ``reduction="mean"``).
+
+    Args:
+        f_student, f_teacher: (N, C, ...) features with 2 to 5 dims and equal batch and spatial sizes (the
+            channel counts may differ), any float dtype, NCHW or channels_last.
+        p: the positive exponent of the attention map (2 in FRSKD).
+        reduction: "mean" (over batch and positions), "batchmean" (sum / N) or "sum".
+        backend: "auto", "triton", "cuda", "cpu" or "reference" (see ``ofdkern.backend_status()``).
+
+    Returns:
+        The loss in the promoted feature dtype, accumulated in float32 (float64 for float64 features).
+        Gradients flow to both features when they require them (detach the teacher as the reference does).
+    """
+    check_attention_transfer_args(f_student, f_teacher, p, reduction)
+    backend = resolve_backend(backend, f_student.device)
+    if backend == "reference":
+        return reference.attention_transfer_loss(f_student, f_teacher, p, reduction)
+    loss, *_ = attention_transfer_fused(f_student, f_teacher, float(p), reduction, backend)
+    return loss
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: float = 4.0,
+            reduction: str = "batchmean", backend: str = "auto") -> torch.Tensor:
+    """Soft-label KD ``KL(softmax(t/T) || softmax(s/T)) * T**2`` of Hinton et al., as used by FRSKD.
+
+    A drop-in for the reference ``F.kl_div(F.log_softmax(s/T, 1), F.softmax(t/T, 1), reduction="batchmean")
+    * T * T``. Rows of any width (32k-256k classes) are processed with an online max/sum.
+
+    Args:
+        student_logits, teacher_logits: (N, K) logits of any float dtype.
+        temperature: the positive softmax temperature T.
+        reduction: "batchmean" (sum / N), "sum", "mean" (sum / (N K), F.kl_div's "mean") or "none" (one loss
+            per row).
+        backend: "auto", "triton", "cuda", "cpu" or "reference".
+
+    Returns:
+        The loss in the promoted logits dtype, accumulated in float32 (float64). Gradients flow to the student
+        and, when it requires grad, to the teacher (FRSKD detaches it).
+    """
+    check_kd_args(student_logits, teacher_logits, temperature, reduction)
+    backend = resolve_backend(backend, student_logits.device)
+    if backend == "reference":
+        return reference.kd_loss(student_logits, teacher_logits, temperature, reduction)
+    needs_grad = torch.is_grad_enabled()
+    loss, *_ = kd_loss_fused(student_logits, teacher_logits, float(temperature), reduction, backend,
+                             needs_grad and student_logits.requires_grad, needs_grad and teacher_logits.requires_grad)
+    return loss
