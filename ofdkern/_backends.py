@@ -27,8 +27,15 @@ def _load_extension():
 _EXTENSION, _EXTENSION_ERROR = _load_extension()
 
 
-def _has_kernel(op: str, dispatch_key: str) -> bool:
-    return _EXTENSION is not None and torch._C._dispatch_has_kernel_for_dispatch_key(op, dispatch_key)
+def _compiled_kernels() -> dict[str, tuple[str, ...]]:
+    """For the C++ backends ("cpu", "cuda"): the ofdkern ops of the extension that have a kernel there."""
+    ops = [] if _EXTENSION is None else [
+        name for name in torch._C._dispatch_get_all_op_names() if name.startswith("ofdkern::")]
+    return {backend: tuple(sorted(op for op in ops if torch._C._dispatch_has_kernel_for_dispatch_key(op, key)))
+            for backend, key in (("cpu", "CPU"), ("cuda", "CUDA"))}
+
+
+_CPP_KERNELS = _compiled_kernels()
 
 
 def _triton_problem() -> str | None:
@@ -42,8 +49,8 @@ def _status() -> dict[str, dict]:
     cuda_device = torch.cuda.is_available()
     triton_problem = _triton_problem()
     interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
-    cpu_built = _has_kernel("ofdkern::ofd_fused", "CPU")
-    cuda_built = _has_kernel("ofdkern::ofd_fused", "CUDA")
+    cpu_built = bool(_CPP_KERNELS["cpu"])
+    cuda_built = bool(_CPP_KERNELS["cuda"])
 
     def entry(built, devices, why_not):
         return {"built": built, "devices": devices, "available": bool(devices), "reason": why_not}
@@ -84,33 +91,46 @@ _STATUS = _status()
 
 def backend_status() -> dict[str, dict]:
     """For each backend: ``built``, ``available`` (on some device of this machine), ``devices``
-    (the tensor device types it runs on) and ``reason`` (why it is unavailable, or None)."""
-    return {name: dict(entry, devices=list(entry["devices"])) for name, entry in _STATUS.items()}
+    (the tensor device types it runs on), ``reason`` (why it is unavailable, or None) and, for the C++
+    backends, ``ops`` (the compiled ops that have a kernel there)."""
+    status = {name: dict(entry, devices=list(entry["devices"])) for name, entry in _STATUS.items()}
+    for name, ops in _CPP_KERNELS.items():
+        status[name]["ops"] = list(ops)
+    return status
 
 
 # Preference of "auto" per device type: fastest first.
 _AUTO_ORDER = {"cuda": ("cuda", "triton"), "cpu": ("cpu",)}
-_warned_fallback: set[str] = set()
+_warned_fallback: set[tuple[str, str]] = set()
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """The backend that runs an op on tensors of ``device``; raises if ``backend`` cannot."""
+def _runs(backend: str, device_type: str, cpp_op: str) -> bool:
+    if device_type not in _STATUS[backend]["devices"]:
+        return False
+    return backend not in _CPP_KERNELS or cpp_op in _CPP_KERNELS[backend]
+
+
+def resolve_backend(backend: str, device: torch.device, cpp_op: str) -> str:
+    """The backend that runs an op on tensors of ``device``; raises if ``backend`` cannot. ``cpp_op`` is the
+    extension op the "cpu" and "cuda" backends would call (not every op has a kernel on every device)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         for name in _AUTO_ORDER.get(device.type, ()):
-            if device.type in _STATUS[name]["devices"]:
+            if _runs(name, device.type, cpp_op):
                 return name
-        if device.type not in _warned_fallback:
-            _warned_fallback.add(device.type)
+        if (device.type, cpp_op) not in _warned_fallback:
+            _warned_fallback.add((device.type, cpp_op))
             warnings.warn(
-                f"ofdkern: no fused kernel is available for {device.type} tensors, using the eager reference "
-                f"(see ofdkern.backend_status())", RuntimeWarning, stacklevel=3)
+                f"ofdkern: no fused kernel for {cpp_op} is available for {device.type} tensors, using the eager "
+                f"reference (see ofdkern.backend_status())", RuntimeWarning, stacklevel=3)
         return "reference"
-    entry = _STATUS[backend]
-    if device.type not in entry["devices"]:
-        reason = entry["reason"] or f"it does not run on {device.type} tensors"
+    if not _runs(backend, device.type, cpp_op):
+        reason = _STATUS[backend]["reason"]
+        if reason is None and device.type in _STATUS[backend]["devices"]:
+            reason = f"the extension has no {backend} kernel for {cpp_op}"
+        reason = reason or f"it does not run on {device.type} tensors"
+        available = [name for name in _STATUS if name == "reference" or _runs(name, device.type, cpp_op)]
         raise BackendUnavailableError(
-            f"backend {backend!r} cannot run on {device.type} tensors: {reason}. "
-            f"Available here: {[n for n, e in _STATUS.items() if device.type in e['devices']]}")
+            f"backend {backend!r} cannot run on {device.type} tensors: {reason}. Available here: {available}")
     return backend

@@ -324,7 +324,17 @@ def test_auto_picks_the_cpu_kernel_on_cpu():
     assert STATUS["cpu"]["built"], STATUS["cpu"]["reason"]
     from ofdkern._backends import resolve_backend
 
-    assert resolve_backend("auto", torch.device("cpu")) == "cpu"
+    assert resolve_backend("auto", torch.device("cpu"), "ofdkern::ofd_fused") == "cpu"
+
+
+def test_backend_without_a_kernel_for_the_op_is_refused_or_skipped():
+    from ofdkern._backends import resolve_backend
+
+    assert "ofdkern::ofd_fused" in STATUS["cpu"]["ops"]
+    with pytest.raises(ofdkern.BackendUnavailableError, match="no cpu kernel for ofdkern::not_an_op"):
+        resolve_backend("cpu", torch.device("cpu"), "ofdkern::not_an_op")
+    with pytest.warns(RuntimeWarning, match="no fused kernel for ofdkern::not_an_op"):
+        assert resolve_backend("auto", torch.device("cpu"), "ofdkern::not_an_op") == "reference"
 
 
 @pytest.mark.skipif(os.environ.get("OFDKERN_EXPECT_CUDA") != "1", reason="set where the CUDA kernels are built")
@@ -340,7 +350,7 @@ s = torch.randn(2, 3, 4, 4)
 with warnings.catch_warnings(record=True) as caught:
     a = ofdkern.ofd_loss(s, s + 1, -torch.rand(3))
     b = ofdkern.ofd_loss(s, s + 1, -torch.rand(3))
-assert [str(w.message).startswith("ofdkern: no fused kernel") for w in caught] == [True], caught
+assert [str(w.message).startswith("ofdkern: no fused kernel for ofdkern::ofd_fused") for w in caught] == [True], caught
 assert not ofdkern.backend_status()["cpu"]["available"]
 try:
     ofdkern.ofd_loss(s, s, -torch.rand(3), backend="cpu")

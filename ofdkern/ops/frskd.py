@@ -213,7 +213,7 @@ def attention_transfer_loss(f_student: torch.Tensor, f_teacher: torch.Tensor, *,
         Gradients flow to both features when they require them (detach the teacher as the reference does).
     """
     check_attention_transfer_args(f_student, f_teacher, p, reduction)
-    backend = resolve_backend(backend, f_student.device)
+    backend = resolve_backend(backend, f_student.device, "ofdkern::attention_map")
     if backend == "reference":
         return reference.attention_transfer_loss(f_student, f_teacher, p, reduction)
     loss, *_ = attention_transfer_fused(f_student, f_teacher, float(p), reduction, backend)
@@ -239,7 +239,7 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, tempe
         and, when it requires grad, to the teacher (FRSKD detaches it).
     """
     check_kd_args(student_logits, teacher_logits, temperature, reduction)
-    backend = resolve_backend(backend, student_logits.device)
+    backend = resolve_backend(backend, student_logits.device, "ofdkern::kd_fused")
     if backend == "reference":
         return reference.kd_loss(student_logits, teacher_logits, temperature, reduction)
     needs_grad = torch.is_grad_enabled()

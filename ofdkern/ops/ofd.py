@@ -153,7 +153,7 @@ def ofd_loss(student: torch.Tensor, teacher: torch.Tensor, margin: torch.Tensor,
         accumulated in float32 (float64). Gradients flow to every input that requires them.
     """
     check_ofd_args(student, teacher, margin, reduction)
-    backend = resolve_backend(backend, student.device)
+    backend = resolve_backend(backend, student.device, "ofdkern::ofd_fused")
     if backend == "reference":
         return reference.ofd_loss(student, teacher, margin, reduction)
     needs_grad = torch.is_grad_enabled()
