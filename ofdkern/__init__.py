@@ -1,5 +1,6 @@
 """ofdkern: fused kernels for feature knowledge distillation losses."""
 from ._backends import BACKENDS, BackendUnavailableError, backend_status
+from .distill import OFDDistiller, Tap, find_taps
 from .frskd import FRSKDLoss, SelfTeacher
 from .margins import DataMarginEstimator, margin_from_bn
 from .modules import Connector, OFDLoss
@@ -13,10 +14,13 @@ __all__ = [
     "Connector",
     "DataMarginEstimator",
     "FRSKDLoss",
+    "OFDDistiller",
     "OFDLoss",
     "SelfTeacher",
+    "Tap",
     "attention_transfer_loss",
     "backend_status",
+    "find_taps",
     "kd_loss",
     "margin_from_bn",
     "ofd_loss",
