@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..ops._common import accumulation_dtype
+
 # Integer exponents up to this use repeated multiplication (exact, defined for negative bases).
 _MAX_MULTIPLIED_EXPONENT = 8
 _POSITION_BLOCK = 128
@@ -50,10 +52,6 @@ def _exponent_args(p: float) -> dict:
     integral = float(p).is_integer()
     small = int(p) if integral and 1 <= p <= _MAX_MULTIPLIED_EXPONENT else 0
     return dict(P_SMALL=small, P_INTEGRAL=integral, P_ODD=integral and int(p) % 2 == 1)
-
-
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @triton.jit
@@ -98,7 +96,7 @@ def _check_feature(feature: torch.Tensor, op: str) -> None:
 def attention_map(feature: torch.Tensor, p: float) -> torch.Tensor:
     _check_feature(feature, "attention_map")
     batch, channels, positions = feature.shape
-    out = feature.new_empty((batch, positions), dtype=_accumulation_dtype(feature.dtype))
+    out = feature.new_empty((batch, positions), dtype=accumulation_dtype(feature.dtype))
     if out.numel() == 0:
         return out
     grid = (batch, triton.cdiv(positions, _POSITION_BLOCK))
@@ -110,7 +108,7 @@ def attention_map(feature: torch.Tensor, p: float) -> torch.Tensor:
 def attention_map_backward(feature: torch.Tensor, grad_map: torch.Tensor, p: float) -> torch.Tensor:
     _check_feature(feature, "attention_map_backward")
     batch, channels, positions = feature.shape
-    acc = _accumulation_dtype(feature.dtype)
+    acc = accumulation_dtype(feature.dtype)
     if grad_map.shape != (batch, positions) or grad_map.dtype != acc or not grad_map.is_contiguous():
         raise ValueError(f"attention_map_backward: grad_map must be a contiguous ({batch}, {positions}) tensor "
                          f"of dtype {acc}, got {grad_map.dtype} {tuple(grad_map.shape)}")
@@ -201,7 +199,7 @@ def kd_fused(student: torch.Tensor, teacher: torch.Tensor, temperature: float, g
     if not (temperature > 0 and math.isfinite(temperature)):
         raise ValueError(f"kd_fused: temperature must be positive and finite, got {temperature}")
     rows, classes = student.shape
-    row_loss = student.new_empty((rows,), dtype=_accumulation_dtype(student.dtype))
+    row_loss = student.new_empty((rows,), dtype=accumulation_dtype(student.dtype))
     d_student = torch.empty_like(student) if grad_student else student.new_empty((0,))
     d_teacher = torch.empty_like(teacher) if grad_teacher else teacher.new_empty((0,))
     if rows == 0:

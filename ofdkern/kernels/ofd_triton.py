@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..ops._common import accumulation_dtype
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # GPU: 4096 elements per program, 16 per thread over 8 warps, so each thread issues several 128-bit loads
@@ -103,15 +105,11 @@ def _magic_divider(divisor: int) -> tuple[int, int]:
     return (((1 << shift) - divisor) << 32) // divisor + 1, shift
 
 
-def _accumulation_dtype(feature_dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if feature_dtype == torch.float64 else torch.float32
-
-
 def _allocate_fused_outputs(student, teacher, margin, elementwise, grad_student, grad_teacher, grad_margin,
                             partial_count):
     """The Python twin of allocate_fused_outputs (csrc/ofd_fused.h): the contract asserted (the Python
     layer already validated the user's arguments), the outputs allocated."""
-    acc = _accumulation_dtype(student.dtype)
+    acc = accumulation_dtype(student.dtype)
     assert student.dim() >= 2 and student.shape == teacher.shape, (student.shape, teacher.shape)
     assert student.dtype == teacher.dtype and student.stride() == teacher.stride()
     # empty_like keeps the strides of a non-overlapping and dense tensor only.

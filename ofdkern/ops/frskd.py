@@ -15,6 +15,7 @@ import torch
 from .. import reference
 from .._backends import resolve_backend
 from .._validation import check_attention_transfer_args, check_kd_args
+from ._common import accumulation_dtype, reduction_count
 
 # F.normalize's eps: the attention map norm is clamped below at this value.
 NORMALIZE_EPS = 1e-12
@@ -31,10 +32,6 @@ def _kernels(backend: str):
     return ops.attention_map.default, ops.attention_map_backward.default, ops.kd_fused.default
 
 
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _as_positions(feature: torch.Tensor) -> torch.Tensor:
     """``feature`` as a dense (N, C, positions) tensor: a view for NCHW and channels_last layouts (their
     spatial dims merge), a contiguous copy otherwise."""
@@ -43,14 +40,6 @@ def _as_positions(feature: torch.Tensor) -> torch.Tensor:
     merged = feature.reshape(batch, channels, positions)
     channels_inner = merged.stride() == (channels * positions, 1, channels)
     return merged if merged.is_contiguous() or channels_inner else merged.contiguous()
-
-
-def _reduction_count(shape, reduction: str) -> int:
-    if reduction == "mean":
-        return shape.numel()
-    if reduction == "batchmean":
-        return shape[0]
-    return 1
 
 
 def _normalize_backward(grad: torch.Tensor, normalized: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
@@ -82,7 +71,7 @@ def attention_transfer_fused(f_student: torch.Tensor, f_teacher: torch.Tensor, p
     map_student = attention_map(_as_positions(f_student), p)
     map_teacher = attention_map(_as_positions(f_teacher), p)
     total, grad_student, grad_teacher = _attention_transfer_on_maps(map_student, map_teacher)
-    loss = total / _reduction_count(map_student.shape, reduction)
+    loss = total / reduction_count(map_student.shape, reduction)
     return loss.to(torch.promote_types(f_student.dtype, f_teacher.dtype)), grad_student, grad_teacher
 
 
@@ -117,7 +106,7 @@ def _attention_setup_context(ctx, inputs, output):
     ctx.save_for_backward(f_student, f_teacher, grad_map_student, grad_map_teacher)
     ctx.p = p
     ctx.backend = backend
-    ctx.count = _reduction_count(grad_map_student.shape, reduction)
+    ctx.count = reduction_count(grad_map_student.shape, reduction)
     ctx.set_materialize_grads(False)
 
 

@@ -12,6 +12,7 @@ import torch
 from .. import reference
 from .._backends import resolve_backend
 from .._validation import check_ofd_args
+from ._common import reduction_count
 
 
 def _fused_kernel(backend: str):
@@ -30,6 +31,12 @@ def compute_dtype(student: torch.Tensor, teacher: torch.Tensor, margin: torch.Te
     return torch.promote_types(promoted, torch.float32)
 
 
+def _feature_dtype(student: torch.Tensor, teacher: torch.Tensor, out_dtype: torch.dtype) -> torch.dtype:
+    """The one dtype the kernels read both features in: float64 when the reference computes in float64
+    (a float64 margin promotes), else the features' common dtype (half precision stays half)."""
+    return torch.float64 if out_dtype == torch.float64 else torch.promote_types(student.dtype, teacher.dtype)
+
+
 def _dense_strides(student: torch.Tensor) -> tuple[int, ...]:
     """Strides of the layout the kernels walk: student's own when it is dense (NCHW, channels_last, any
     permutation), else the dense layout with its dim order (what ``empty_like`` preserves)."""
@@ -43,7 +50,7 @@ def _empty_dense(student: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def _prepare(student, teacher, margin):
     """Features in one dtype and one dense layout (copied only when they are not), margin as (C,)."""
     out_dtype = compute_dtype(student, teacher, margin)
-    feature_dtype = torch.float64 if out_dtype == torch.float64 else torch.promote_types(student.dtype, teacher.dtype)
+    feature_dtype = _feature_dtype(student, teacher, out_dtype)
     strides = _dense_strides(student)
     if student.dtype != feature_dtype or student.stride() != strides:
         student = _empty_dense(student, feature_dtype).copy_(student)
@@ -51,14 +58,6 @@ def _prepare(student, teacher, margin):
         teacher = _empty_dense(student, feature_dtype).copy_(teacher)
     margin = margin.reshape(-1).to(out_dtype).contiguous()
     return student, teacher, margin, out_dtype
-
-
-def _reduction_count(shape, reduction: str) -> int:
-    if reduction == "mean":
-        return shape.numel()
-    if reduction == "batchmean":
-        return shape[0]
-    return 1
 
 
 @torch.library.custom_op("ofdkern::ofd_loss_fused", mutates_args=())
@@ -73,14 +72,14 @@ def ofd_loss_fused(student: torch.Tensor, teacher: torch.Tensor, margin: torch.T
         student_p, teacher_p, margin_p, elementwise, grad_student, grad_teacher, grad_margin)
     if not elementwise:
         # Fixed-order sum of the kernel's partials, then the reduction's count (0/0 = nan like the reference).
-        loss = loss.sum() / _reduction_count(student.shape, reduction)
+        loss = loss.sum() / reduction_count(student.shape, reduction)
     return loss.to(out_dtype), d_student, d_teacher, d_margin
 
 
 @ofd_loss_fused.register_fake
 def _(student, teacher, margin, reduction, backend, grad_student, grad_teacher, grad_margin):
     out_dtype = compute_dtype(student, teacher, margin)
-    feature_dtype = torch.float64 if out_dtype == torch.float64 else torch.promote_types(student.dtype, teacher.dtype)
+    feature_dtype = _feature_dtype(student, teacher, out_dtype)
     if reduction == "none":
         loss = _empty_dense(student, out_dtype)
     else:
@@ -96,7 +95,7 @@ def _setup_context(ctx, inputs, output):
     student, teacher, margin, reduction, _backend, *_wanted = inputs
     ctx.save_for_backward(*output[1:])
     ctx.reduction = reduction
-    ctx.count = _reduction_count(student.shape, reduction)
+    ctx.count = reduction_count(student.shape, reduction)
     ctx.dtypes = (student.dtype, teacher.dtype, margin.dtype)
     ctx.margin_shape = margin.shape
     ctx.set_materialize_grads(False)

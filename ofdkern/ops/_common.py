@@ -1,0 +1,18 @@
+"""Conventions every fused op shares."""
+from __future__ import annotations
+
+import torch
+
+
+def accumulation_dtype(feature_dtype: torch.dtype) -> torch.dtype:
+    """The dtype kernels compute and accumulate in: float64 for float64 inputs, float32 otherwise."""
+    return torch.float64 if feature_dtype == torch.float64 else torch.float32
+
+
+def reduction_count(shape: torch.Size, reduction: str) -> int:
+    """What the summed loss is divided by: every element ("mean"), the batch ("batchmean"), else 1."""
+    if reduction == "mean":
+        return shape.numel()
+    if reduction == "batchmean":
+        return shape[0]
+    return 1
