@@ -1,0 +1,271 @@
+// CUDA kernel of the fused OFD op: one grid-stride pass over student and teacher in memory order that
+// writes the per-block loss partials (or per-element losses) and the requested gradients.
+//
+// Determinism: the grid depends only on the device and numel, every thread sums its elements in a
+// fixed order and each block reduces its threads in a fixed tree, so the partial vector (summed in
+// fixed order by the Python layer) is bit-identical run to run. No atomics, no host sync.
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAMacros.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <cstdint>
+#include <type_traits>
+
+#include "ofd_fused.h"
+#include "ofd_math.h"
+
+namespace ofdkern {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarpSize = 32;
+// Resident blocks per SM: 1024 threads each with 128-bit loads in flight saturate HBM.
+constexpr int kBlocksPerSm = 4;
+// Fewest elements per thread before another block is added: tiny inputs get few partials.
+constexpr int64_t kMinElementsPerThread = 8;
+constexpr int kVectorBytes = 16;
+
+// Register image of n consecutive elements, aligned so that one load/store moves it whole.
+template <typename T, int n>
+struct alignas(sizeof(T) * n) Pack {
+  T v[n];
+};
+
+template <typename scalar_t, typename acc_t>
+struct CudaPointers {
+  const scalar_t* student;
+  const scalar_t* teacher;
+  const acc_t* margin;
+  acc_t* loss_elems;       // per-element loss, or null when the loss is reduced
+  scalar_t* grad_student;  // null when not asked
+  scalar_t* grad_teacher;
+  acc_t* grad_margin;
+};
+
+// What advancing a memory offset by a fixed distance does to its channel position.
+struct ChannelStep {
+  int64_t within;   // distance % channel_stride
+  int64_t channel;  // (distance / channel_stride) % channels
+};
+
+inline ChannelStep channel_step(ChannelIndexer index, int64_t distance) {
+  return ChannelStep{distance % index.channel_stride,
+                     (distance / index.channel_stride) % index.channels};
+}
+
+// The channel of a memory offset, advanced by additions instead of a 64-bit division per element.
+struct ChannelCursor {
+  int64_t within;  // offset % channel_stride
+  int64_t channel;
+
+  __device__ static ChannelCursor at(int64_t offset, ChannelIndexer index) {
+    const int64_t block = offset / index.channel_stride;
+    return ChannelCursor{offset - block * index.channel_stride, block % index.channels};
+  }
+
+  __device__ void advance(ChannelStep step, ChannelIndexer index) {
+    within += step.within;
+    channel += step.channel;
+    if (within >= index.channel_stride) {
+      within -= index.channel_stride;
+      ++channel;
+    }
+    if (channel >= index.channels) channel -= index.channels;
+  }
+};
+
+struct ChannelWalk {
+  ChannelIndexer index;
+  ChannelStep element;  // to the next element
+  ChannelStep grid;     // to the same thread's next vector in the grid-stride loop
+};
+
+// Which outputs a kernel instance writes (a bit mask: nvcc's kernel stubs take no class-type template
+// arguments); compile-time so forward-only code holds no gradient math.
+enum OutputBits : unsigned {
+  kElementwise = 1u,
+  kGradStudent = 2u,
+  kGradTeacher = 4u,
+  kGradMargin = 8u,
+  kAllOutputs = 16u,  // number of masks
+};
+
+__host__ __device__ constexpr bool writes(unsigned mask, OutputBits output) { return (mask & output) != 0; }
+
+// n consecutive elements from memory offset `offset`, the first of which is at `cursor`.
+template <unsigned kOut, int n, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void ofd_pack(const CudaPointers<scalar_t, acc_t>& p, int64_t offset,
+                                         ChannelCursor cursor, const ChannelWalk& walk,
+                                         acc_t& sum) {
+  const auto s = *reinterpret_cast<const Pack<scalar_t, n>*>(p.student + offset);
+  const auto t = *reinterpret_cast<const Pack<scalar_t, n>*>(p.teacher + offset);
+  Pack<acc_t, n> loss;
+  Pack<scalar_t, n> d_student;
+  Pack<scalar_t, n> d_teacher;
+  Pack<acc_t, n> d_margin;
+#pragma unroll
+  for (int k = 0; k < n; ++k) {
+    if (k > 0) cursor.advance(walk.element, walk.index);
+    const acc_t m = p.margin[cursor.channel];
+    const acc_t tv = static_cast<acc_t>(t.v[k]);
+    const auto point = ofd_point<acc_t>(static_cast<acc_t>(s.v[k]), tv, m);
+    if constexpr (writes(kOut, kElementwise)) loss.v[k] = point.loss;
+    else sum += point.loss;
+    if constexpr (writes(kOut, kGradStudent)) d_student.v[k] = static_cast<scalar_t>(point.d_student);
+    if constexpr (writes(kOut, kGradTeacher))
+      d_teacher.v[k] = static_cast<scalar_t>(teacher_grad(point.d_student, tv, m));
+    if constexpr (writes(kOut, kGradMargin)) d_margin.v[k] = margin_grad(point.d_student, tv, m);
+  }
+  if constexpr (writes(kOut, kElementwise)) *reinterpret_cast<Pack<acc_t, n>*>(p.loss_elems + offset) = loss;
+  if constexpr (writes(kOut, kGradStudent))
+    *reinterpret_cast<Pack<scalar_t, n>*>(p.grad_student + offset) = d_student;
+  if constexpr (writes(kOut, kGradTeacher))
+    *reinterpret_cast<Pack<scalar_t, n>*>(p.grad_teacher + offset) = d_teacher;
+  if constexpr (writes(kOut, kGradMargin))
+    *reinterpret_cast<Pack<acc_t, n>*>(p.grad_margin + offset) = d_margin;
+}
+
+// Sum over the block in a fixed tree (warp shuffles, then the warp totals); valid in thread 0.
+template <typename acc_t>
+__device__ acc_t block_sum(acc_t value) {
+  __shared__ acc_t warp_totals[kThreads / kWarpSize];
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2)
+    value += __shfl_down_sync(0xffffffffu, value, offset);
+  const int warp = threadIdx.x / kWarpSize;
+  const int lane = threadIdx.x % kWarpSize;
+  if (lane == 0) warp_totals[warp] = value;
+  __syncthreads();
+  if (warp == 0) {
+    value = lane < kThreads / kWarpSize ? warp_totals[lane] : acc_t(0);
+#pragma unroll
+    for (int offset = kWarpSize / 2; offset > 0; offset /= 2)
+      value += __shfl_down_sync(0xffffffffu, value, offset);
+  }
+  return value;
+}
+
+// kVec elements per step (1: the scalar kernel for misaligned pointers). The numel % kVec elements
+// past the last whole vector are taken one each by the first threads.
+template <typename scalar_t, typename acc_t, int kVec, unsigned kOut>
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm)
+    ofd_fused_kernel(CudaPointers<scalar_t, acc_t> p, int64_t numel, ChannelWalk walk,
+                     acc_t* partials) {
+  const int64_t thread = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  const int64_t grid_stride = static_cast<int64_t>(gridDim.x) * kThreads * kVec;
+  const int64_t vector_end = numel / kVec * kVec;
+  acc_t sum = 0;
+  int64_t offset = thread * kVec;
+  ChannelCursor cursor = ChannelCursor::at(offset, walk.index);
+  for (; offset < vector_end; offset += grid_stride) {
+    ofd_pack<kOut, kVec>(p, offset, cursor, walk, sum);
+    cursor.advance(walk.grid, walk.index);
+  }
+  if constexpr (kVec > 1) {
+    const int64_t tail = vector_end + thread;
+    if (tail < numel) ofd_pack<kOut, 1>(p, tail, ChannelCursor::at(tail, walk.index), walk, sum);
+  }
+  if constexpr (!writes(kOut, kElementwise)) {
+    sum = block_sum(sum);
+    if (threadIdx.x == 0) partials[blockIdx.x] = sum;
+  }
+}
+
+int sm_count(c10::DeviceIndex device) {
+  static std::array<std::atomic<int>, C10_COMPILE_TIME_MAX_GPUS> cache{};
+  int count = cache[device].load(std::memory_order_relaxed);
+  if (count == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+    cache[device].store(count, std::memory_order_relaxed);
+  }
+  return count;
+}
+
+// A function of the device and numel only, so that the partials (and the loss bits) are reproducible.
+int grid_size(int64_t numel, c10::DeviceIndex device) {
+  if (numel == 0) return 0;
+  const int64_t by_work = (numel + kThreads * kMinElementsPerThread - 1) /
+                          (kThreads * kMinElementsPerThread);
+  return static_cast<int>(std::min<int64_t>(by_work, int64_t{sm_count(device)} * kBlocksPerSm));
+}
+
+bool aligned(const void* pointer, int64_t bytes) {
+  return reinterpret_cast<std::uintptr_t>(pointer) % bytes == 0;
+}
+
+// Calls f with std::integral_constant<unsigned, mask>.
+template <unsigned kCandidate = 0, typename F>
+void with_output_mask(unsigned mask, F&& f) {
+  if constexpr (kCandidate < kAllOutputs) {
+    if (mask == kCandidate) f(std::integral_constant<unsigned, kCandidate>{});
+    else with_output_mask<kCandidate + 1>(mask, f);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void launch(const CudaPointers<scalar_t, acc_t>& p, int64_t numel, ChannelIndexer index,
+            unsigned output_mask, int grid, acc_t* partials) {
+  constexpr int kVec = kVectorBytes / sizeof(scalar_t);
+  static_assert(kVec <= kThreads, "the scalar tail takes one element per thread of the first block");
+  // Outputs are fresh allocations; inputs may be views at any element offset.
+  const bool vectorized =
+      aligned(p.student, kVectorBytes) && aligned(p.teacher, kVectorBytes) &&
+      aligned(p.grad_student, kVectorBytes) && aligned(p.grad_teacher, kVectorBytes) &&
+      aligned(p.loss_elems, sizeof(acc_t) * kVec) && aligned(p.grad_margin, sizeof(acc_t) * kVec);
+  const int vec = vectorized ? kVec : 1;
+  const ChannelWalk walk{index, channel_step(index, 1), channel_step(index, int64_t{grid} * kThreads * vec)};
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  with_output_mask(output_mask, [&](auto mask) {
+    constexpr unsigned kOut = decltype(mask)::value;
+    if (vectorized)
+      ofd_fused_kernel<scalar_t, acc_t, kVec, kOut>
+          <<<grid, kThreads, 0, stream>>>(p, numel, walk, partials);
+    else
+      ofd_fused_kernel<scalar_t, acc_t, 1, kOut><<<grid, kThreads, 0, stream>>>(p, numel, walk, partials);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+FusedOutputs ofd_fused_cuda(const at::Tensor& student, const at::Tensor& teacher,
+                            const at::Tensor& margin, bool elementwise, bool grad_student,
+                            bool grad_teacher, bool grad_margin) {
+  const c10::cuda::CUDAGuard device_guard(student.device());
+  const int64_t numel = student.numel();
+  const int grid = grid_size(numel, student.device().index());
+  auto outputs = allocate_fused_outputs(student, teacher, margin, elementwise, grad_student,
+                                        grad_teacher, grad_margin, grid);
+  if (numel == 0) return outputs;
+  at::Tensor& loss = std::get<0>(outputs);
+  at::Tensor& d_student = std::get<1>(outputs);
+  at::Tensor& d_teacher = std::get<2>(outputs);
+  at::Tensor& d_margin = std::get<3>(outputs);
+  const ChannelIndexer index = channel_indexer(student);
+  const unsigned output_mask = (elementwise ? kElementwise : 0u) | (grad_student ? kGradStudent : 0u) |
+                               (grad_teacher ? kGradTeacher : 0u) | (grad_margin ? kGradMargin : 0u);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "ofd_fused_cuda", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const CudaPointers<scalar_t, acc_t> p{
+        student.const_data_ptr<scalar_t>(),
+        teacher.const_data_ptr<scalar_t>(),
+        margin.const_data_ptr<acc_t>(),
+        elementwise ? loss.mutable_data_ptr<acc_t>() : nullptr,
+        grad_student ? d_student.mutable_data_ptr<scalar_t>() : nullptr,
+        grad_teacher ? d_teacher.mutable_data_ptr<scalar_t>() : nullptr,
+        grad_margin ? d_margin.mutable_data_ptr<acc_t>() : nullptr};
+    launch(p, numel, index, output_mask, grid, elementwise ? nullptr : loss.mutable_data_ptr<acc_t>());
+  });
+  return outputs;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ofdkern, CUDA, m) { m.impl("ofd_fused", &ofd_fused_cuda); }
+
+}  // namespace ofdkern

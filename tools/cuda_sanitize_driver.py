@@ -1,0 +1,137 @@
+"""Exercises every instance of the CUDA kernel of ``ofdkern::ofd_fused`` on small, awkward inputs, for
+tools/sanitize_cuda.sh (compute-sanitizer memcheck / racecheck) and as a plain GPU smoke test.
+
+Covers: all 16 output combinations (loss reduced or per element x each gradient), fp32/fp64/fp16/bf16,
+NCHW, channels_last, channels_last_3d, 2-D features, a size-1 channel dim, sizes that leave a scalar tail,
+views starting one element into their storage (misaligned: the scalar kernel), inputs large enough that
+each thread loops more than once over the grid, exact ties t == margin, and an empty tensor.
+Outputs are checked against the C++ CPU kernel, reruns against themselves (bitwise), and the public
+``ofd_loss(backend="cuda")`` with autograd against the eager reference. Exit status 1 on any mismatch.
+"""
+from __future__ import annotations
+
+import itertools
+import sys
+
+import torch
+
+import ofdkern
+from ofdkern import reference
+
+MEMORY_FORMATS = {
+    "contiguous": torch.contiguous_format,
+    "channels_last": torch.channels_last,
+    "channels_last_3d": torch.channels_last_3d,
+}
+# (shape, layout, first element's offset into its storage)
+SMALL_CASES = [
+    ((3, 5, 7, 9), "contiguous", 0),
+    ((3, 5, 7, 9), "contiguous", 1),
+    ((3, 5, 7, 9), "channels_last", 0),
+    ((3, 5, 7, 9), "channels_last", 1),
+    ((2, 3, 4, 5, 7), "channels_last_3d", 0),
+    ((2, 3), "contiguous", 0),
+    ((2, 3), "contiguous", 1),
+    ((5, 1, 3, 3), "contiguous", 0),
+    ((0, 3, 2, 2), "contiguous", 0),
+]
+# More elements than one pass of the grid covers (a few blocks per SM x 256 threads x 8 half elements).
+LARGE_CASES = [((3, 37, 101, 103), "contiguous", 0), ((3, 37, 101, 103), "channels_last", 1)]
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-12, torch.float16: 1e-2, torch.bfloat16: 2e-2}
+
+failures: list[str] = []
+
+
+def check(ok: bool, what: str) -> None:
+    if not ok:
+        failures.append(what)
+        print("FAIL", what, flush=True)
+
+
+def features(shape, layout, offset, dtype, generator):
+    """A dense tensor of ``layout`` whose data starts ``offset`` elements into its storage."""
+    strides = torch.empty(shape, device="meta", memory_format=MEMORY_FORMATS[layout]).stride()
+    numel = torch.Size(shape).numel()
+    storage = torch.randn(numel + offset, generator=generator, device="cuda").to(dtype)
+    return storage.as_strided(shape, strides, offset)
+
+
+def inputs(shape, layout, offset, dtype, seed):
+    generator = torch.Generator(device="cuda").manual_seed(seed)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    student = features(shape, layout, offset, dtype, generator)
+    teacher = features(shape, layout, offset, dtype, generator)
+    # Margins representable in the feature dtype, so that some teacher values tie with them exactly.
+    margin = (-torch.rand(shape[1], generator=generator, device="cuda")).to(dtype).to(acc)
+    channel_margin = reference.margin_as_channels(margin, len(shape)).expand(shape).to(dtype)
+    ties = torch.rand(shape, generator=generator, device="cuda") < 0.1
+    teacher.copy_(torch.where(ties, channel_margin, teacher))
+    return student, teacher, margin
+
+
+def close(actual, expected, dtype) -> bool:
+    tol = TOLERANCE[dtype]
+    return actual.dtype == expected.dtype and actual.shape == expected.shape and torch.allclose(
+        actual.cpu().double(), expected.double(), rtol=tol, atol=tol)
+
+
+def check_fused(shape, layout, offset, dtype, masks) -> None:
+    student, teacher, margin = inputs(shape, layout, offset, dtype, seed=7)
+    name = f"{tuple(shape)} {layout} offset={offset} {dtype}"
+    for elementwise, *grads in masks:
+        flags = (elementwise, *grads)
+        gpu = torch.ops.ofdkern.ofd_fused(student, teacher, margin, *flags)
+        cpu = torch.ops.ofdkern.ofd_fused(student.cpu(), teacher.cpu(), margin.cpu(), *flags)
+        rerun = torch.ops.ofdkern.ofd_fused(student, teacher, margin, *flags)
+        what = f"{name} elementwise={elementwise} grads={grads}"
+        if elementwise:
+            check(close(gpu[0], cpu[0], dtype), f"{what}: per-element loss")
+            check(gpu[0].stride() == student.stride(), f"{what}: loss layout")
+        else:
+            check(gpu[0].dim() == 1 and close(gpu[0].sum(), cpu[0].sum(), dtype), f"{what}: loss")
+        for label, wanted, g, c in zip(("student", "teacher", "margin"), grads, gpu[1:], cpu[1:]):
+            check(close(g, c, dtype), f"{what}: grad_{label}")
+            if wanted:
+                check(g.stride() == student.stride(), f"{what}: grad_{label} layout")
+        check(all(torch.equal(a, b) for a, b in zip(gpu, rerun)), f"{what}: rerun not bitwise equal")
+
+
+def check_public(shape, layout, offset, dtype) -> None:
+    student, teacher, margin = inputs(shape, layout, offset, dtype, seed=11)
+    for reduction in ("sum", "none"):
+        leaves = [x.detach().requires_grad_() for x in (student, teacher, margin)]
+        loss = ofdkern.ofd_loss(*leaves, reduction=reduction, backend="cuda")
+        expected = reference.ofd_loss(*leaves, reduction=reduction)
+        upstream = torch.randn_like(expected)
+        grads = torch.autograd.grad(loss, leaves, upstream)
+        expected_grads = torch.autograd.grad(expected, leaves, upstream)
+        what = f"ofd_loss {tuple(shape)} {layout} offset={offset} {dtype} {reduction}"
+        check(close(loss, expected.cpu(), dtype), f"{what}: loss")
+        for label, g, e in zip(("student", "teacher", "margin"), grads, expected_grads):
+            # Half-precision gradients: the reference rounds its intermediates, the kernel does not.
+            tol = max(TOLERANCE[dtype], 1e-4)
+            check(g.dtype == e.dtype and torch.allclose(g.double(), e.double(), rtol=tol, atol=tol),
+                  f"{what}: grad_{label}")
+
+
+def main() -> int:
+    status = ofdkern.backend_status()["cuda"]
+    if not status["available"]:
+        print(f"cuda backend not available: {status['reason']}", file=sys.stderr)
+        return 2
+    every_mask = list(itertools.product((False, True), repeat=4))
+    forward_and_all_grads = [(False, False, False, False), (True, True, True, True)]
+    for dtype in DTYPES:
+        for shape, layout, offset in SMALL_CASES:
+            check_fused(shape, layout, offset, dtype, every_mask)
+        for shape, layout, offset in LARGE_CASES:
+            check_fused(shape, layout, offset, dtype, forward_and_all_grads)
+        check_public((3, 5, 7, 9), "channels_last", 1, dtype)
+    torch.cuda.synchronize()
+    print(f"{len(failures)} failures", flush=True)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
