@@ -24,17 +24,6 @@ constexpr int64_t kChunk = 1 << 15;
 // Independent accumulators per run: breaks the add dependency chain so the loop vectorizes.
 constexpr int kLanes = 16;
 
-template <typename scalar_t, typename acc_t>
-struct CpuPointers {
-  const scalar_t* student;
-  const scalar_t* teacher;
-  const acc_t* margin;
-  acc_t* loss_elems;  // per-element loss (elementwise mode)
-  scalar_t* grad_student;
-  scalar_t* grad_teacher;
-  acc_t* grad_margin;
-};
-
 // What a loop writes besides the loss partials, fixed at compile time so the hot loops are
 // branch-free. kChecked: any combination, each output tested against null (the rarer cases).
 template <bool kGradStudent, bool kChecked>
@@ -98,7 +87,7 @@ inline void store_tile(const acc_t* tile, out_t* out, int64_t n) {
 // Memory offsets [begin, end) whose margins are margin_run[0], margin_run[step], margin_run[2 * step], ...
 // (step 0: one channel for the whole run, NCHW-like; step 1: channels_last, one channel per element).
 template <typename W, int64_t step, typename scalar_t, typename acc_t>
-inline void ofd_run(const CpuPointers<scalar_t, acc_t>& p, int64_t begin, int64_t end,
+inline void ofd_run(const FusedPointers<scalar_t, acc_t>& p, int64_t begin, int64_t end,
                     const acc_t* margin_run, std::array<acc_t, kLanes>& lanes) {
   acc_t student_buf[kTile], teacher_buf[kTile], grad_student_buf[kTile], grad_teacher_buf[kTile];
   for (int64_t tile = begin; tile < end; tile += kTile) {
@@ -134,7 +123,7 @@ inline void ofd_run(const CpuPointers<scalar_t, acc_t>& p, int64_t begin, int64_
 // One chunk of memory offsets, split into runs of one channel (NCHW-like) or of consecutive channels
 // (channels_last). Returns the chunk's loss partial, summed in a fixed order.
 template <typename W, typename scalar_t, typename acc_t>
-acc_t ofd_chunk(const CpuPointers<scalar_t, acc_t>& p, ChannelIndexer index, int64_t begin,
+acc_t ofd_chunk(const FusedPointers<scalar_t, acc_t>& p, ChannelIndexer index, int64_t begin,
                 int64_t end) {
   std::array<acc_t, kLanes> lanes{};
   for (int64_t i = begin; i < end;) {
@@ -156,7 +145,7 @@ acc_t ofd_chunk(const CpuPointers<scalar_t, acc_t>& p, ChannelIndexer index, int
 }
 
 template <typename W, typename scalar_t, typename acc_t>
-void ofd_launch(const CpuPointers<scalar_t, acc_t>& p, ChannelIndexer index, int64_t numel,
+void ofd_launch(const FusedPointers<scalar_t, acc_t>& p, ChannelIndexer index, int64_t numel,
                 acc_t* partials) {
   const int64_t chunks = (numel + kChunk - 1) / kChunk;
   at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
@@ -179,16 +168,7 @@ FusedOutputs ofd_fused_cpu(const at::Tensor& student, const at::Tensor& teacher,
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "ofd_fused_cpu", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    auto data = [](bool wanted, const at::Tensor& out, auto type_tag) {
-      using T = decltype(type_tag);
-      return wanted ? out.mutable_data_ptr<T>() : static_cast<T*>(nullptr);
-    };
-    const CpuPointers<scalar_t, acc_t> p{
-        student.const_data_ptr<scalar_t>(), teacher.const_data_ptr<scalar_t>(),
-        margin.const_data_ptr<acc_t>(),     data(elementwise, loss, acc_t{}),
-        data(grad_student, std::get<1>(outputs), scalar_t{}),
-        data(grad_teacher, std::get<2>(outputs), scalar_t{}),
-        data(grad_margin, std::get<3>(outputs), acc_t{})};
+    const auto p = fused_pointers<scalar_t, acc_t>(student, teacher, margin, outputs, elementwise);
     acc_t* partials = elementwise ? nullptr : loss.mutable_data_ptr<acc_t>();
     // The common cases get their own branch-free loops; the rest share one general loop.
     if (elementwise || grad_teacher || grad_margin) ofd_launch<AnyOutputs>(p, index, numel, partials);

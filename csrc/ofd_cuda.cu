@@ -37,17 +37,6 @@ struct alignas(sizeof(T) * n) Pack {
   T v[n];
 };
 
-template <typename scalar_t, typename acc_t>
-struct CudaPointers {
-  const scalar_t* student;
-  const scalar_t* teacher;
-  const acc_t* margin;
-  acc_t* loss_elems;       // per-element loss, or null when the loss is reduced
-  scalar_t* grad_student;  // null when not asked
-  scalar_t* grad_teacher;
-  acc_t* grad_margin;
-};
-
 // What advancing a memory offset by a fixed distance does to its channel position.
 struct ChannelStep {
   int64_t within;   // distance % channel_stride
@@ -100,7 +89,7 @@ __host__ __device__ constexpr bool writes(unsigned mask, OutputBits output) { re
 
 // n consecutive elements from memory offset `offset`, the first of which is at `cursor`.
 template <unsigned kOut, int n, typename scalar_t, typename acc_t>
-__device__ __forceinline__ void ofd_pack(const CudaPointers<scalar_t, acc_t>& p, int64_t offset,
+__device__ __forceinline__ void ofd_pack(const FusedPointers<scalar_t, acc_t>& p, int64_t offset,
                                          ChannelCursor cursor, const ChannelWalk& walk,
                                          acc_t& sum) {
   const auto s = *reinterpret_cast<const Pack<scalar_t, n>*>(p.student + offset);
@@ -155,7 +144,7 @@ __device__ acc_t block_sum(acc_t value) {
 // past the last whole vector are taken one each by the first threads.
 template <typename scalar_t, typename acc_t, int kVec, unsigned kOut>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
-    ofd_fused_kernel(CudaPointers<scalar_t, acc_t> p, int64_t numel, ChannelWalk walk,
+    ofd_fused_kernel(FusedPointers<scalar_t, acc_t> p, int64_t numel, ChannelWalk walk,
                      acc_t* partials) {
   const int64_t thread = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   const int64_t grid_stride = static_cast<int64_t>(gridDim.x) * kThreads * kVec;
@@ -209,7 +198,7 @@ void with_output_mask(unsigned mask, F&& f) {
 }
 
 template <typename scalar_t, typename acc_t>
-void launch(const CudaPointers<scalar_t, acc_t>& p, int64_t numel, ChannelIndexer index,
+void launch(const FusedPointers<scalar_t, acc_t>& p, int64_t numel, ChannelIndexer index,
             unsigned output_mask, int grid, acc_t* partials) {
   constexpr int kVec = kVectorBytes / sizeof(scalar_t);
   static_assert(kVec <= kThreads, "the scalar tail takes one element per thread of the first block");
@@ -241,24 +230,14 @@ FusedOutputs ofd_fused_cuda(const at::Tensor& student, const at::Tensor& teacher
   auto outputs = allocate_fused_outputs(student, teacher, margin, elementwise, grad_student,
                                         grad_teacher, grad_margin, grid);
   if (numel == 0) return outputs;
-  at::Tensor& loss = std::get<0>(outputs);
-  at::Tensor& d_student = std::get<1>(outputs);
-  at::Tensor& d_teacher = std::get<2>(outputs);
-  at::Tensor& d_margin = std::get<3>(outputs);
+  const at::Tensor& loss = std::get<0>(outputs);
   const ChannelIndexer index = channel_indexer(student);
   const unsigned output_mask = (elementwise ? kElementwise : 0u) | (grad_student ? kGradStudent : 0u) |
                                (grad_teacher ? kGradTeacher : 0u) | (grad_margin ? kGradMargin : 0u);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "ofd_fused_cuda", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    const CudaPointers<scalar_t, acc_t> p{
-        student.const_data_ptr<scalar_t>(),
-        teacher.const_data_ptr<scalar_t>(),
-        margin.const_data_ptr<acc_t>(),
-        elementwise ? loss.mutable_data_ptr<acc_t>() : nullptr,
-        grad_student ? d_student.mutable_data_ptr<scalar_t>() : nullptr,
-        grad_teacher ? d_teacher.mutable_data_ptr<scalar_t>() : nullptr,
-        grad_margin ? d_margin.mutable_data_ptr<acc_t>() : nullptr};
+    const auto p = fused_pointers<scalar_t, acc_t>(student, teacher, margin, outputs, elementwise);
     launch(p, numel, index, output_mask, grid, elementwise ? nullptr : loss.mutable_data_ptr<acc_t>());
   });
   return outputs;

@@ -20,6 +20,7 @@
 #include <ATen/ATen.h>
 
 #include <tuple>
+#include <type_traits>
 
 namespace ofdkern {
 
@@ -63,6 +64,35 @@ inline FusedOutputs allocate_fused_outputs(const at::Tensor& student, const at::
   };
   return {loss, maybe(grad_student, student, student.options()),
           maybe(grad_teacher, teacher, teacher.options()), maybe(grad_margin, student, acc_options)};
+}
+
+// Raw pointers of one fused call; null for the outputs not asked for.
+template <typename scalar_t, typename acc_t>
+struct FusedPointers {
+  const scalar_t* student;
+  const scalar_t* teacher;
+  const acc_t* margin;
+  acc_t* loss_elems;  // per-element loss (elementwise mode), else null: the loss output holds partials
+  scalar_t* grad_student;
+  scalar_t* grad_teacher;
+  acc_t* grad_margin;
+};
+
+template <typename scalar_t, typename acc_t>
+FusedPointers<scalar_t, acc_t> fused_pointers(const at::Tensor& student, const at::Tensor& teacher,
+                                              const at::Tensor& margin, const FusedOutputs& outputs,
+                                              bool elementwise) {
+  auto data = [](const at::Tensor& out, auto* type_tag) {
+    using T = std::remove_pointer_t<decltype(type_tag)>;
+    return out.numel() ? out.mutable_data_ptr<T>() : static_cast<T*>(nullptr);
+  };
+  return {student.const_data_ptr<scalar_t>(),
+          teacher.const_data_ptr<scalar_t>(),
+          margin.const_data_ptr<acc_t>(),
+          elementwise ? data(std::get<0>(outputs), static_cast<acc_t*>(nullptr)) : nullptr,
+          data(std::get<1>(outputs), static_cast<scalar_t*>(nullptr)),
+          data(std::get<2>(outputs), static_cast<scalar_t*>(nullptr)),
+          data(std::get<3>(outputs), static_cast<acc_t*>(nullptr))};
 }
 
 // Elements at memory offsets [k * channel_stride, (k + 1) * channel_stride) of a dense tensor share
