@@ -10,7 +10,8 @@ venv=$cache/venv-$key
 
 if [ ! -f "$venv/.ready" ]; then
   echo "ofdkern: building the environment in $venv (once; torch is large)"
-  rm -rf "$venv"
+  # Environments of older requirement sets are several GB each: keep only the one being built.
+  rm -rf "$cache"/venv-*
   mkdir -p "$cache"
   python3 -m venv "$venv"
   "$venv/bin/pip" install -q --upgrade pip setuptools wheel
