@@ -125,7 +125,7 @@ def test_chunked_path_walks_many_chunks(monkeypatch, chunk):
 
 @needs_triton
 def test_triton_falls_back_to_chunks_past_its_channel_bound(monkeypatch):
-    monkeypatch.setattr(align, "TRITON_MAX_CHANNELS", 4)
+    monkeypatch.setitem(align.TRITON_MAX_CHANNELS, torch.float64, 4)
     monkeypatch.setattr(align, "_warned_triton_fallback", False)
     with pytest.warns(RuntimeWarning, match="exceed the Triton kernel's bound"):
         check(make_inputs(), make_margin(), "sum", "triton")

@@ -7,7 +7,7 @@ student pixels (BLOCK_P x Cs), ``h = relu(x W1^T + b1)`` and ``y = h W2^T + b2``
 ``db2 += sum dy``, ``dh = dy W2`` masked by the ReLU, ``dW1 += dh^T x``, ``db1 += sum dh``, ``dx = dh W1``.
 Nothing of size pixels x channels is stored besides the feature gradients. Each program keeps its weight-gradient
 and loss sums in registers and writes them once to its row of a partial buffer; the rows are summed in a fixed
-order afterwards (deterministic, no atomics). Every channel dimension fits one register tile
+order afterwards (deterministic, no atomics). Every channel dimension fits one tile
 (``TRITON_MAX_CHANNELS`` in ofdkern/ops/align.py); the dots run in full fp32 (``input_precision="ieee"``, no TF32)
 on loads cast to the accumulation dtype.
 """
@@ -129,7 +129,8 @@ def align_fused_triton(student3, teacher3, w1, b1, w2, b2, margin, d_student3, d
     batch, s_channels, positions = student3.shape
     hidden, t_channels = w1.shape[0], w2.shape[0]
     pixels = batch * positions
-    block_p = 64 if student3.is_cuda else 16
+    # Shared memory of a tile grows with the pixels it holds (see TRITON_MAX_CHANNELS in ofdkern/ops/align.py).
+    block_p = 64 if student3.is_cuda and acc == torch.float32 else 16
     programs = _program_count(student3.device, triton.cdiv(pixels, block_p))
     new = w1.new_zeros
     loss_part = new((programs,))

@@ -28,8 +28,11 @@ from .._validation import check_channel_align_args
 
 # Pixels per chunk of the ATen path: the hidden activation of a chunk is CHUNK_PIXELS x hidden.
 CHUNK_PIXELS = 16384
-# Largest channel count (student, hidden or teacher) the Triton kernel keeps in one register tile.
-TRITON_MAX_CHANNELS = 128
+# Largest channel count (student, hidden or teacher) the Triton kernel keeps in one tile, per accumulation
+# dtype: its dot operands are staged in shared memory, which for sm_90 PTX came to 96 KiB at 64 fp32 channels
+# (64-pixel tiles) and 57 KiB at 32 fp64 channels (16-pixel tiles); the next power of two would pass the
+# 164 KiB an A100 block can have.
+TRITON_MAX_CHANNELS = {torch.float32: 64, torch.float64: 32}
 
 _warned_triton_fallback = False
 
@@ -136,8 +139,12 @@ def chunked_align(student3, teacher3, w1, b1, w2, b2, margin, d_student3, d_teac
     return loss, weight_grads
 
 
-def _kernel(backend: str, channels: tuple[int, int, int]):
-    if backend == "triton" and max(channels) <= TRITON_MAX_CHANNELS:
+def _fits_triton(channels: tuple[int, int, int], acc: torch.dtype) -> bool:
+    return max(channels) <= TRITON_MAX_CHANNELS[acc]
+
+
+def _kernel(backend: str, channels: tuple[int, int, int], acc: torch.dtype):
+    if backend == "triton" and _fits_triton(channels, acc):
         from ..kernels.align_triton import align_fused_triton
 
         return align_fused_triton
@@ -164,7 +171,7 @@ def channel_align_fused(student: torch.Tensor, teacher: torch.Tensor, w1: torch.
     d_teacher3 = _gradient_buffer(teacher) if grad_teacher else None
     params = [p.to(acc).contiguous() for p in (w1, b1, w2, b2)]
     margin_acc = None if margin is None else margin.reshape(-1).to(acc).contiguous()
-    kernel = _kernel(backend, (student.shape[1], w1.shape[0], teacher.shape[1]))
+    kernel = _kernel(backend, (student.shape[1], w1.shape[0], teacher.shape[1]), acc)
     total, weight_grads = kernel(student3, teacher3, *params, margin_acc, d_student3, d_teacher3, grad_weights)
     loss = (total / _reduction_count(teacher.shape, reduction)).to(loss_dtype)
     features = [d.view(f.shape) if d is not None else _empty(f, f.dtype)
@@ -210,7 +217,7 @@ def _backward(ctx, grad_loss, *_unused):
 channel_align_fused.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _resolve_backend(backend: str, device: torch.device, channels: tuple[int, int, int]) -> str:
+def _resolve_backend(backend: str, device: torch.device, channels: tuple[int, int, int], acc: torch.dtype) -> str:
     """The backend that runs the op. "cpu" and "cuda" are the chunked ATen path (no extension needed) on their own device type; "triton" the
     fused kernel where Triton runs (the chunked path past TRITON_MAX_CHANNELS); "auto": Triton on CUDA when the
     channels fit it, else the chunked path of the device."""
@@ -218,7 +225,7 @@ def _resolve_backend(backend: str, device: torch.device, channels: tuple[int, in
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     triton_status = backend_status()["triton"]
-    fits_triton = max(channels) <= TRITON_MAX_CHANNELS
+    fits_triton = _fits_triton(channels, acc)
     if backend == "auto":
         if device.type == "cuda":
             return "triton" if fits_triton and "cuda" in triton_status["devices"] else "cuda"
@@ -234,7 +241,8 @@ def _resolve_backend(backend: str, device: torch.device, channels: tuple[int, in
         if not fits_triton and not _warned_triton_fallback:
             _warned_triton_fallback = True
             warnings.warn(f"ofdkern.channel_align_loss: channels {channels} exceed the Triton kernel's bound "
-                          f"{TRITON_MAX_CHANNELS}; using the chunked GEMM path", RuntimeWarning, stacklevel=3)
+                          f"{TRITON_MAX_CHANNELS[acc]} ({acc}); using the chunked GEMM path", RuntimeWarning,
+                          stacklevel=3)
     return backend
 
 
@@ -267,7 +275,8 @@ def channel_align_loss(student: torch.Tensor, teacher: torch.Tensor, w1: torch.T
     """
     check_channel_align_args(student, teacher, w1, b1, w2, b2, margin, reduction)
     channels = (student.shape[1], w1.shape[0], teacher.shape[1])
-    backend = _resolve_backend(backend, student.device, channels)
+    acc = _accumulation_dtype(_loss_dtype(student, teacher, w1, b1, w2, b2, margin))
+    backend = _resolve_backend(backend, student.device, channels, acc)
     if backend == "reference":
         return reference.channel_align_loss(student, teacher, w1, b1, w2, b2, margin, reduction)
     if margin is not None and margin.requires_grad and torch.is_grad_enabled():
