@@ -218,9 +218,9 @@ channel_align_fused.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _resolve_backend(backend: str, device: torch.device, channels: tuple[int, int, int], acc: torch.dtype) -> str:
-    """The backend that runs the op. "cpu" and "cuda" are the chunked ATen path (no extension needed) on their own device type; "triton" the
-    fused kernel where Triton runs (the chunked path past TRITON_MAX_CHANNELS); "auto": Triton on CUDA when the
-    channels fit it, else the chunked path of the device."""
+    """The backend that runs the op. "cpu" and "cuda" are the chunked ATen path (no extension needed) on their
+    own device type; "triton" the fused kernel where Triton runs (the chunked path past TRITON_MAX_CHANNELS);
+    "auto": Triton on CUDA when the channels fit it, else the chunked path of the device."""
     global _warned_triton_fallback
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
