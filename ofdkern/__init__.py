@@ -3,14 +3,15 @@ from ._backends import BACKENDS, BackendUnavailableError, backend_status
 from .distill import OFDDistiller, Tap, find_taps
 from .frskd import FRSKDLoss, SelfTeacher
 from .margins import DataMarginEstimator, margin_from_bn
-from .modules import Connector, OFDLoss
-from .ops import attention_transfer_loss, kd_loss, ofd_loss
+from .modules import ChannelAlign, Connector, OFDLoss
+from .ops import attention_transfer_loss, channel_align_loss, kd_loss, ofd_loss
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
     "BackendUnavailableError",
+    "ChannelAlign",
     "Connector",
     "DataMarginEstimator",
     "FRSKDLoss",
@@ -20,6 +21,7 @@ __all__ = [
     "Tap",
     "attention_transfer_loss",
     "backend_status",
+    "channel_align_loss",
     "find_taps",
     "kd_loss",
     "margin_from_bn",

@@ -84,3 +84,47 @@ def check_kd_args(student_logits, teacher_logits, temperature, reduction) -> Non
     check_positive_number("temperature", temperature)
     check_same_device(student_logits=student_logits, teacher_logits=teacher_logits)
     check_reduction(reduction)
+
+
+ALIGN_REDUCTIONS = ("sum", "mean", "batchmean")
+
+
+def check_pointwise_weight(name: str, weight, out_channels: int | None, in_channels: int) -> int:
+    """An (out, in) matrix or an (out, in, 1, ...) 1x1-conv weight; returns out (checked when given)."""
+    check_tensor(name, weight, min_dim=2, max_dim=5)
+    shape = tuple(weight.shape)
+    out_ok = out_channels is None or shape[0] == out_channels
+    if not out_ok or shape[1] != in_channels or any(size != 1 for size in shape[2:]):
+        out = "out" if out_channels is None else out_channels
+        raise ValueError(f"{name} must have shape ({out}, {in_channels}) or ({out}, {in_channels}, 1, 1), "
+                         f"got {shape}")
+    return shape[0]
+
+
+def check_channel_align_args(student, teacher, w1, b1, w2, b2, margin, reduction) -> None:
+    """(N, Cs, ...) student and (N, Ct, ...) teacher of equal batch and spatial sizes, an MLP
+    Cs -> hidden -> Ct, an optional per-channel margin of the teacher."""
+    check_tensor("student", student, min_dim=2, max_dim=5)
+    check_tensor("teacher", teacher, min_dim=2, max_dim=5)
+    if student.shape[:1] + student.shape[2:] != teacher.shape[:1] + teacher.shape[2:]:
+        raise ValueError(
+            f"student and teacher must have the same batch and spatial sizes (channels may differ), got "
+            f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)}")
+    s_channels, t_channels = student.shape[1], teacher.shape[1]
+    hidden = check_pointwise_weight("w1", w1, None, s_channels)
+    check_pointwise_weight("w2", w2, t_channels, hidden)
+    for name, bias, channels in (("b1", b1, hidden), ("b2", b2, t_channels)):
+        check_tensor(name, bias)
+        if tuple(bias.shape) != (channels,):
+            raise ValueError(f"{name} must have shape ({channels},), got {tuple(bias.shape)}")
+    tensors = dict(student=student, teacher=teacher, w1=w1, b1=b1, w2=w2, b2=b2)
+    if margin is not None:
+        check_tensor("margin", margin)
+        broadcast = (1, t_channels) + (1,) * (teacher.dim() - 2)
+        if tuple(margin.shape) not in ((t_channels,), broadcast):
+            raise ValueError(f"margin must have shape ({t_channels},) or {broadcast} (teacher channels), "
+                             f"got {tuple(margin.shape)}")
+        tensors["margin"] = margin
+    check_same_device(**tensors)
+    if reduction not in ALIGN_REDUCTIONS:
+        raise ValueError(f"reduction must be one of {ALIGN_REDUCTIONS}, got {reduction!r}")

@@ -1,4 +1,5 @@
-"""nn.Modules of OFD (Heo et al., ICCV 2019): the loss with its margin buffer, and the student connector."""
+"""nn.Modules of OFD (Heo et al., ICCV 2019): the loss with its margin buffer, and the student connector; and the
+channel-wise alignment of Liu et al. (ICCVW 2023)."""
 from __future__ import annotations
 
 import math
@@ -8,9 +9,10 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ._backends import BACKENDS
-from ._validation import check_reduction, check_tensor
+from ._validation import ALIGN_REDUCTIONS, check_reduction, check_tensor
 from .margins import margin_from_bn
-from .ops import ofd_loss
+from . import reference
+from .ops import channel_align_loss, ofd_loss
 
 
 def _margin_as_vector(margin: torch.Tensor) -> torch.Tensor:
@@ -108,3 +110,62 @@ class Connector(nn.Sequential):
         fan_out = math.prod(self.conv.kernel_size) * self.conv.out_channels
         self.conv.weight.normal_(0, math.sqrt(2.0 / fan_out))
         self.bn.reset_parameters()  # gamma 1, beta 0, fresh running statistics
+
+
+class ChannelAlign(nn.Module):
+    """Channel-wise transformation distillation (Liu et al., ICCVW 2023): a per-pixel MLP on the student feature
+    (1x1 conv -> ReLU -> 1x1 conv), then L2 to the teacher feature, or OFD's margin ReLU + partial L2 when
+    ``ofd_margin`` is given. ``forward(student, teacher)`` is ``ofdkern.channel_align_loss`` with this module's
+    weights: the projected student is never materialized.
+
+    Args:
+        s_channels, t_channels: student and teacher channels.
+        hidden: width of the hidden layer (default: ``t_channels``).
+        ofd_margin: optional per-teacher-channel margins, (Ct,) or (1, Ct, 1, ...); kept as a (Ct,) buffer.
+        reduction: "sum", "mean" or "batchmean".
+        backend: "auto", "triton", "cuda", "cpu" or "reference".
+        device, dtype: of the parameters.
+
+    The two convolutions are ``nn.Conv2d`` 1x1 layers with bias and their default initialization; their (out, in,
+    1, 1) weights serve features of any spatial rank.
+    """
+
+    margin: torch.Tensor | None
+
+    def __init__(self, s_channels: int, t_channels: int, hidden: int | None = None,
+                 ofd_margin: torch.Tensor | None = None, reduction: str = "sum", backend: str = "auto", *,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        super().__init__()
+        hidden = t_channels if hidden is None else hidden
+        for name, value in (("s_channels", s_channels), ("t_channels", t_channels), ("hidden", hidden)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if reduction not in ALIGN_REDUCTIONS:
+            raise ValueError(f"reduction must be one of {ALIGN_REDUCTIONS}, got {reduction!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        factory = {"device": device, "dtype": dtype}
+        self.conv1 = nn.Conv2d(s_channels, hidden, kernel_size=1, **factory)
+        self.conv2 = nn.Conv2d(hidden, t_channels, kernel_size=1, **factory)
+        margin = None
+        if ofd_margin is not None:
+            margin = _margin_as_vector(ofd_margin)
+            if margin.numel() != t_channels:
+                raise ValueError(f"ofd_margin must have {t_channels} values (teacher channels), got {margin.numel()}")
+            margin = margin.to(device=device)
+        self.register_buffer("margin", margin)
+        self.reduction = reduction
+        self.backend = backend
+
+    def project(self, student: torch.Tensor) -> torch.Tensor:
+        """The transformed student feature, materialized (eager; for inspection, not for the loss)."""
+        hidden = torch.relu(reference.pointwise_conv(student, self.conv1.weight, self.conv1.bias))
+        return reference.pointwise_conv(hidden, self.conv2.weight, self.conv2.bias)
+
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        return channel_align_loss(student, teacher, self.conv1.weight, self.conv1.bias, self.conv2.weight,
+                                  self.conv2.bias, margin=self.margin, reduction=self.reduction,
+                                  backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"margin={self.margin is not None}, reduction={self.reduction!r}, backend={self.backend!r}")

@@ -59,3 +59,32 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     if reduction == "mean":  # F.kl_div's "mean": over every element
         return per_class.sum() / per_class.numel()
     return reduce_loss(per_class.sum(dim=1), reduction)
+
+
+# Channel-wise transformation (Liu et al., ICCVW 2023; no official code): a per-pixel MLP on the student
+# feature, then L2 (or OFD's margin ReLU + partial L2) against the teacher.
+
+def pointwise_conv(feature: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """A 1x1 convolution of (N, C, ...) features with an (out, in) or (out, in, 1, ...) weight."""
+    weight = weight.reshape(weight.shape[0], weight.shape[1])
+    spatial = feature.dim() - 2
+    if spatial == 0:
+        return F.linear(feature, weight, bias)
+    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[spatial]
+    return conv(feature, weight.reshape(*weight.shape, *([1] * spatial)), bias)
+
+
+def channel_align_loss(student: torch.Tensor, teacher: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor,
+                       w2: torch.Tensor, b2: torch.Tensor, margin: torch.Tensor | None = None,
+                       reduction: str = "sum") -> torch.Tensor:
+    """``conv1x1(w2, b2) . relu . conv1x1(w1, b1)`` on the student, then ``sum (MLP(s) - t)^2`` or, with a
+    margin, ``ofd_loss(MLP(s), t, margin)``. Every tensor is first cast to their promoted dtype (a convolution
+    needs one dtype)."""
+    dtype = student.dtype
+    for tensor in (teacher, w1, b1, w2, b2):
+        dtype = torch.promote_types(dtype, tensor.dtype)
+    w1, b1, w2, b2, student, teacher = (x.to(dtype) for x in (w1, b1, w2, b2, student, teacher))
+    projected = pointwise_conv(torch.relu(pointwise_conv(student, w1, b1)), w2, b2)
+    if margin is not None:
+        return ofd_loss(projected, teacher, margin, reduction)
+    return reduce_loss(F.mse_loss(projected, teacher, reduction="none"), reduction)

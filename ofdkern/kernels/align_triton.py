@@ -1,0 +1,150 @@
+"""Triton kernel of the fused channel-wise alignment loss, with the contract of ``chunked_align`` in
+ofdkern/ops/align.py (same arguments and results).
+
+A fixed number of programs each walk every ``num_programs``-th tile of BLOCK_P pixels. Per tile: load the
+student pixels (BLOCK_P x Cs), ``h = relu(x W1^T + b1)`` and ``y = h W2^T + b2`` with tl.dot, the loss terms and
+``dL/dy`` in registers, then back-propagation of the tile in the same program: ``dW2 += dy^T h``,
+``db2 += sum dy``, ``dh = dy W2`` masked by the ReLU, ``dW1 += dh^T x``, ``db1 += sum dh``, ``dx = dh W1``.
+Nothing of size pixels x channels is stored besides the feature gradients. Each program keeps its weight-gradient
+and loss sums in registers and writes them once to its row of a partial buffer; the rows are summed in a fixed
+order afterwards (deterministic, no atomics). Every channel dimension fits one tile
+(``TRITON_MAX_CHANNELS`` in ofdkern/ops/align.py); the dots run in full fp32 (``input_precision="ieee"``, no TF32)
+on loads cast to the accumulation dtype.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_INTERPRETED_PROGRAMS = 3  # few programs under the interpreter, each looping over several tiles
+_PROGRAMS_PER_SM = 2
+
+
+@triton.jit
+def _align_kernel(x_ptr, t_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, m_ptr, dx_ptr, dt_ptr,
+                  loss_part_ptr, dw1_part_ptr, db1_part_ptr, dw2_part_ptr, db2_part_ptr,
+                  positions, pixels, s_channels, hidden, t_channels,
+                  sx_n, sx_c, sx_s, st_n, st_c, st_s, sdx_n, sdx_c, sdx_s, sdt_n, sdt_c, sdt_s,
+                  BLOCK_P: tl.constexpr, BLOCK_CS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_CT: tl.constexpr,
+                  HAS_MARGIN: tl.constexpr, GRAD_STUDENT: tl.constexpr, GRAD_TEACHER: tl.constexpr,
+                  GRAD_WEIGHTS: tl.constexpr):
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    acc_ty = loss_part_ptr.dtype.element_ty
+    cs = tl.arange(0, BLOCK_CS)
+    hh = tl.arange(0, BLOCK_H)
+    ct = tl.arange(0, BLOCK_CT)
+    cs_ok = cs < s_channels
+    hh_ok = hh < hidden
+    ct_ok = ct < t_channels
+    # Weights are contiguous in the accumulation dtype; padded rows and columns load as 0, so padded hidden units
+    # stay at relu(0) = 0 and padded channels contribute nothing.
+    w1 = tl.load(w1_ptr + hh[:, None] * s_channels + cs[None, :], mask=hh_ok[:, None] & cs_ok[None, :], other=0)
+    b1 = tl.load(b1_ptr + hh, mask=hh_ok, other=0)
+    w2 = tl.load(w2_ptr + ct[:, None] * hidden + hh[None, :], mask=ct_ok[:, None] & hh_ok[None, :], other=0)
+    b2 = tl.load(b2_ptr + ct, mask=ct_ok, other=0)
+    if HAS_MARGIN:
+        margin = tl.load(m_ptr + ct, mask=ct_ok, other=0)
+    loss_sum = tl.zeros([BLOCK_P], acc_ty)
+    d_w1 = tl.zeros([BLOCK_H, BLOCK_CS], acc_ty)
+    d_b1 = tl.zeros([BLOCK_H], acc_ty)
+    d_w2 = tl.zeros([BLOCK_CT, BLOCK_H], acc_ty)
+    d_b2 = tl.zeros([BLOCK_CT], acc_ty)
+    first_tile = pid.to(tl.int64)
+    for step in range(0, tl.cdiv(tl.cdiv(pixels, BLOCK_P) - pid, programs)):
+        p = (first_tile + step * programs) * BLOCK_P + tl.arange(0, BLOCK_P)
+        p_ok = p < pixels
+        n = p // positions
+        s = p % positions
+        x_mask = p_ok[:, None] & cs_ok[None, :]
+        x = tl.load(x_ptr + n[:, None] * sx_n + cs[None, :] * sx_c + s[:, None] * sx_s, mask=x_mask,
+                    other=0).to(acc_ty)
+        pre = tl.dot(x, tl.trans(w1), input_precision="ieee") + b1[None, :]
+        h = tl.where((pre > 0) | (pre != pre), pre, 0.0)  # relu keeping NaN, like torch.relu
+        y = tl.dot(h, tl.trans(w2), input_precision="ieee") + b2[None, :]
+        valid = p_ok[:, None] & ct_ok[None, :]
+        t_offsets = n[:, None] * st_n + ct[None, :] * st_c + s[:, None] * st_s
+        t = tl.load(t_ptr + t_offsets, mask=valid, other=0).to(acc_ty)
+        if HAS_MARGIN:
+            # OFD math of csrc/ofd_math.h: margin ReLU on the teacher, partial L2 (the mask multiplies).
+            target = tl.where((t > margin[None, :]) | (t != t), t, margin[None, :])
+            mask = ((y > target) | (target > 0)).to(acc_ty)
+            diff = y - target
+            terms = diff * diff * mask
+            d_y = 2 * diff * mask
+        else:
+            diff = y - t
+            terms = diff * diff
+            d_y = 2 * diff
+        # Padded pixels see x = 0 but still get relu(b1) -> y = W2 relu(b1) + b2: keep them out.
+        loss_sum += tl.sum(tl.where(valid, terms, 0.0), axis=1)
+        d_y = tl.where(valid, d_y, 0.0)
+        if GRAD_TEACHER:
+            if HAS_MARGIN:
+                share = tl.where(t == margin[None, :], -0.5 * d_y, -d_y)
+                d_t = tl.where(t < margin[None, :], 0.0, share)
+            else:
+                d_t = -d_y
+            dt_offsets = n[:, None] * sdt_n + ct[None, :] * sdt_c + s[:, None] * sdt_s
+            tl.store(dt_ptr + dt_offsets, d_t.to(dt_ptr.dtype.element_ty), mask=valid)
+        if GRAD_STUDENT or GRAD_WEIGHTS:
+            d_h = tl.where(pre > 0, tl.dot(d_y, w2, input_precision="ieee"), 0.0)
+            if GRAD_WEIGHTS:
+                d_w2 += tl.dot(tl.trans(d_y), h, input_precision="ieee")
+                d_b2 += tl.sum(d_y, axis=0)
+                d_w1 += tl.dot(tl.trans(d_h), x, input_precision="ieee")
+                d_b1 += tl.sum(d_h, axis=0)
+            if GRAD_STUDENT:
+                d_x = tl.dot(d_h, w1, input_precision="ieee")
+                dx_offsets = n[:, None] * sdx_n + cs[None, :] * sdx_c + s[:, None] * sdx_s
+                tl.store(dx_ptr + dx_offsets, d_x.to(dx_ptr.dtype.element_ty), mask=x_mask)
+    row = pid.to(tl.int64)
+    tl.store(loss_part_ptr + row, tl.sum(loss_sum, axis=0))
+    if GRAD_WEIGHTS:
+        tl.store(dw1_part_ptr + row * hidden * s_channels + hh[:, None] * s_channels + cs[None, :], d_w1,
+                 mask=hh_ok[:, None] & cs_ok[None, :])
+        tl.store(db1_part_ptr + row * hidden + hh, d_b1, mask=hh_ok)
+        tl.store(dw2_part_ptr + row * t_channels * hidden + ct[:, None] * hidden + hh[None, :], d_w2,
+                 mask=ct_ok[:, None] & hh_ok[None, :])
+        tl.store(db2_part_ptr + row * t_channels + ct, d_b2, mask=ct_ok)
+
+
+def _block(size: int) -> int:
+    return max(16, triton.next_power_of_2(size))  # tl.dot needs every dim >= 16
+
+
+def _program_count(device: torch.device, tiles: int) -> int:
+    if device.type == "cuda":
+        limit = _PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        limit = _INTERPRETED_PROGRAMS
+    return max(1, min(tiles, limit))
+
+
+def align_fused_triton(student3, teacher3, w1, b1, w2, b2, margin, d_student3, d_teacher3, grad_weights: bool):
+    """See ``chunked_align``: (N, C, positions) features of any strides, contiguous weights, biases and margin
+    in the accumulation dtype."""
+    acc = w1.dtype
+    batch, s_channels, positions = student3.shape
+    hidden, t_channels = w1.shape[0], w2.shape[0]
+    pixels = batch * positions
+    # Shared memory of a tile grows with the pixels it holds (see TRITON_MAX_CHANNELS in ofdkern/ops/align.py).
+    block_p = 64 if student3.is_cuda and acc == torch.float32 else 16
+    programs = _program_count(student3.device, triton.cdiv(pixels, block_p))
+    new = w1.new_zeros
+    loss_part = new((programs,))
+    parts = [new((programs, *p.shape)) for p in (w1, b1, w2, b2)] if grad_weights else [loss_part] * 4
+    if pixels > 0:
+        # Buffers that are not asked for get a pointer the kernel never touches.
+        d_student = d_student3 if d_student3 is not None else student3
+        d_teacher = d_teacher3 if d_teacher3 is not None else teacher3
+        _align_kernel[(programs,)](
+            student3, teacher3, w1, b1, w2, b2, margin if margin is not None else b2, d_student, d_teacher,
+            loss_part, *parts, positions, pixels, s_channels, hidden, t_channels,
+            *student3.stride(), *teacher3.stride(), *d_student.stride(), *d_teacher.stride(),
+            BLOCK_P=block_p, BLOCK_CS=_block(s_channels), BLOCK_H=_block(hidden), BLOCK_CT=_block(t_channels),
+            HAS_MARGIN=margin is not None, GRAD_STUDENT=d_student3 is not None,
+            GRAD_TEACHER=d_teacher3 is not None, GRAD_WEIGHTS=grad_weights)
+    weight_grads = [part.sum(0) for part in parts] if grad_weights else None
+    return loss_part.sum(), weight_grads

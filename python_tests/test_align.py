@@ -1,0 +1,293 @@
+"""Channel-wise alignment loss (Liu et al., ICCVW 2023) on the cpu, triton and reference backends against the
+eager ``conv1x1 -> relu -> conv1x1 -> loss`` reference: values and every gradient, with and without the OFD margin,
+reductions, layouts, dtypes, chunking, the Triton channel bound, determinism, torch.compile, memory and bad input."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.profiler import ProfilerActivity, profile
+
+import ofdkern
+from ofdkern import reference
+from ofdkern.ops import align
+
+from conftest import STATUS
+
+TRITON_HERE = "cpu" in STATUS["triton"]["devices"]
+BACKENDS = ["cpu", "reference"] + (["triton"] if TRITON_HERE else [])
+needs_triton = pytest.mark.skipif(not TRITON_HERE, reason="Triton does not run on CPU tensors here")
+
+S_CHANNELS, HIDDEN, T_CHANNELS = 5, 7, 6
+
+
+def make_inputs(spatial=(3, 7), dtype=torch.float64, channels_last=False, conv_weights=False, batch=3, seed=0,
+                teacher_grad=True):
+    """[student, teacher, w1, b1, w2, b2], every one requiring grad (the teacher when ``teacher_grad``). The
+    default 63 pixels make 4 Triton tiles of 16 for its 3 interpreted programs: the first one loops twice."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
+
+    student, teacher = randn(batch, S_CHANNELS, *spatial), randn(batch, T_CHANNELS, *spatial)
+    if channels_last:
+        student = student.to(memory_format=torch.channels_last)
+        teacher = teacher.to(memory_format=torch.channels_last)
+    w1, w2 = randn(HIDDEN, S_CHANNELS) / 2, randn(T_CHANNELS, HIDDEN) / 2
+    if conv_weights:
+        w1, w2 = w1[:, :, None, None], w2[:, :, None, None]
+    tensors = [student, teacher, w1, randn(HIDDEN), w2, randn(T_CHANNELS)]
+    for index, x in enumerate(tensors):
+        x.requires_grad_(index != 1 or teacher_grad)
+    return tensors
+
+
+def make_margin(dtype=torch.float64):
+    return -torch.rand(T_CHANNELS, generator=torch.Generator().manual_seed(9), dtype=torch.float64).to(dtype) - 0.1
+
+
+def expected(inputs, margin, reduction, grad_output):
+    """The reference in float64 on the same values, and its gradients wrt every input that requires grad."""
+    leaves = [x.detach().double().requires_grad_(x.requires_grad) for x in inputs]
+    value = reference.channel_align_loss(*leaves, None if margin is None else margin.double(), reduction)
+    wanted = [x for x in leaves if x.requires_grad]
+    return value.detach(), torch.autograd.grad(value, wanted, grad_output.double())
+
+
+def check(inputs, margin=None, reduction="sum", backend="cpu", rtol=1e-10):
+    loss = ofdkern.channel_align_loss(*inputs, margin=margin, reduction=reduction, backend=backend)
+    grad_output = torch.tensor(1.7, dtype=torch.float64)
+    want, want_grads = expected(inputs, margin, reduction, grad_output)
+    torch.testing.assert_close(loss.double(), want, rtol=rtol, atol=rtol * want.abs().item())
+    wanted = [x for x in inputs if x.requires_grad]
+    grads = torch.autograd.grad(loss, wanted, grad_output.to(loss.dtype))
+    for x, grad, want_grad in zip(wanted, grads, want_grads):
+        assert grad.dtype == x.dtype and grad.shape == x.shape
+        assert want_grad.abs().max() > 0
+        torch.testing.assert_close(grad.double(), want_grad, rtol=rtol, atol=rtol * want_grad.abs().max().item())
+    return loss
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("with_margin", [False, True], ids=["l2", "ofd"])
+@pytest.mark.parametrize("reduction", ["sum", "mean", "batchmean"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_matches_reference(backend, with_margin, reduction, channels_last):
+    margin = make_margin() if with_margin else None
+    for dtype, rtol in ((torch.float64, 1e-10), (torch.float32, 2e-5)):
+        inputs = make_inputs(dtype=dtype, channels_last=channels_last, conv_weights=channels_last)
+        check(inputs, None if margin is None else margin.to(dtype), reduction, backend, rtol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("with_margin", [False, True], ids=["l2", "ofd"])
+def test_half_precision_accumulates_in_fp32(backend, dtype, with_margin):
+    # Features and weights in half precision; compared with the float64 reference on the same (rounded) values,
+    # so the only error is the rounding of the stored unit gradients and of the returned loss.
+    inputs = make_inputs(dtype=dtype, channels_last=True)
+    margin = make_margin(torch.float32) if with_margin else None
+    loss = check(inputs, margin, "mean", backend, rtol=2e-2)
+    # The reference's promotion: the inputs' dtype, float32 once an fp32 margin takes part.
+    assert loss.dtype == (torch.float32 if with_margin else dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_feature_ranks_and_strided_inputs(backend):
+    for spatial in ((), (5,), (2, 2, 3)):
+        check(make_inputs(spatial=spatial), make_margin(), "batchmean", backend)
+    # Non-dense views: every other position, and a batch slice.
+    inputs = make_inputs(spatial=(3, 8))
+    strided = [inputs[0][..., ::2], inputs[1][..., ::2], *inputs[2:]]
+    check(strided, None, "sum", backend)
+    check([inputs[0][::2], inputs[1][::2], *inputs[2:]], make_margin(), "sum", backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_teacher_margin_ties_split_the_gradient(backend):
+    inputs = make_inputs()
+    margin = make_margin()
+    with torch.no_grad():
+        inputs[1][0, :, 0, :3] = margin[:, None]  # exact ties t == m: torch.max sends half the gradient each way
+        inputs[1][1, :, 1, :] = 0.0  # t' = 0 is not > 0: only s > t' counts
+    check(inputs, margin, "sum", backend)
+
+
+@pytest.mark.parametrize("chunk", [8, 30])
+def test_chunked_path_walks_many_chunks(monkeypatch, chunk):
+    # chunk 8 < 21 positions: slices of one sample; chunk 30: whole samples, the last group partial.
+    monkeypatch.setattr(align, "CHUNK_PIXELS", chunk)
+    for margin in (None, make_margin()):
+        check(make_inputs(batch=3, channels_last=True), margin, "mean", "cpu")
+        check(make_inputs(batch=3), margin, "sum", "cpu")
+
+
+@needs_triton
+def test_triton_falls_back_to_chunks_past_its_channel_bound(monkeypatch):
+    monkeypatch.setitem(align.TRITON_MAX_CHANNELS, torch.float64, 4)
+    monkeypatch.setattr(align, "_warned_triton_fallback", False)
+    with pytest.warns(RuntimeWarning, match="exceed the Triton kernel's bound"):
+        check(make_inputs(), make_margin(), "sum", "triton")
+
+
+@pytest.mark.parametrize("backend", ["cpu"] + (["triton"] if TRITON_HERE else []))
+def test_gradients_only_where_asked(backend):
+    inputs = make_inputs(teacher_grad=False)
+    check(inputs, make_margin(), "sum", backend)
+    student, teacher, *params = make_inputs(teacher_grad=False)
+    params = [p.detach() for p in params]
+    loss = ofdkern.channel_align_loss(student, teacher, *params, backend=backend)
+    (grad,) = torch.autograd.grad(loss, student)
+    assert grad.abs().max() > 0
+    with torch.no_grad():
+        no_grad = ofdkern.channel_align_loss(student, teacher, *params, backend=backend)
+    assert not no_grad.requires_grad and torch.equal(no_grad, loss.detach())
+
+
+@pytest.mark.parametrize("backend", ["cpu"] + (["triton"] if TRITON_HERE else []))
+def test_is_deterministic(backend):
+    inputs = make_inputs(dtype=torch.float32, batch=3)
+
+    def once():
+        loss = ofdkern.channel_align_loss(*inputs, margin=make_margin(torch.float32), backend=backend)
+        return (loss, *torch.autograd.grad(loss, inputs))
+
+    for a, b in zip(once(), once()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", ["cpu"] + (["triton"] if TRITON_HERE else []))
+def test_empty_batch_gives_zero(backend):
+    inputs = make_inputs(batch=0)
+    loss = ofdkern.channel_align_loss(*inputs, backend=backend)
+    assert loss.item() == 0
+    grads = torch.autograd.grad(loss, inputs)
+    assert grads[0].shape == inputs[0].shape and all(g.abs().sum() == 0 for g in grads)
+
+
+def test_gradcheck_cpu():
+    inputs = make_inputs(spatial=(2, 3), seed=3)
+    for margin in (None, make_margin()):
+        assert torch.autograd.gradcheck(
+            lambda *xs: ofdkern.channel_align_loss(*xs, margin=margin, reduction="mean", backend="cpu"),
+            tuple(inputs), fast_mode=True)
+
+
+def test_opcheck():
+    student, teacher, w1, b1, w2, b2 = make_inputs(dtype=torch.float32)
+    for margin in (None, make_margin(torch.float32)):
+        torch.library.opcheck(torch.ops.ofdkern.channel_align_fused.default,
+                              (student, teacher, w1, b1, w2, b2, margin, "mean", "cpu", True, True, True))
+
+
+def test_double_backward_is_refused():
+    inputs = make_inputs()
+    loss = ofdkern.channel_align_loss(*inputs, backend="cpu")
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(loss, inputs, create_graph=True)
+
+
+@pytest.mark.parametrize("backend", ["cpu"] + (["triton"] if TRITON_HERE else []))
+def test_compiled_training_step_matches_eager(backend):
+    torch._dynamo.reset()
+    student, teacher = (x.detach().float() for x in make_inputs()[:2])
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        models.append(ofdkern.ChannelAlign(S_CHANNELS, T_CHANNELS, HIDDEN, ofd_margin=make_margin(),
+                                           reduction="batchmean", backend=backend))
+
+    def step(module, x):
+        loss = module(x, teacher)
+        loss.backward()
+        return loss
+
+    eager_student, compiled_student = student.clone().requires_grad_(), student.clone().requires_grad_()
+    eager_loss = step(models[0], eager_student)
+    # The forward compiles to one graph; aot_eager traces its backward graph too, which backward() then runs.
+    compiled_module = torch.compile(models[1], backend="aot_eager", fullgraph=True)
+    compiled_loss = step(compiled_module, compiled_student)
+    torch.testing.assert_close(compiled_loss, eager_loss)
+    torch.testing.assert_close(compiled_student.grad, eager_student.grad)
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(b.grad, a.grad)
+
+
+def _largest_allocation(fn) -> int:
+    """The largest memory any single profiled op allocated (net of what it freed) while ``fn`` ran."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return max(event.cpu_memory_usage for event in prof.events())
+
+
+def test_chunked_path_never_allocates_the_full_hidden_activation(monkeypatch):
+    # Narrow features, a wide hidden layer: the full (pixels x hidden) activation (1 MiB) dwarfs the inputs and
+    # their gradients (64 KiB each), so any op allocating it stands out.
+    monkeypatch.setattr(align, "CHUNK_PIXELS", 256)
+    batch, channels, hidden, size = 4, 4, 64, 32
+    full_activation = batch * size * size * hidden * 4
+    gen = torch.Generator().manual_seed(0)
+    student = torch.randn(batch, channels, size, size, generator=gen, requires_grad=True)
+    teacher = torch.randn(batch, channels, size, size, generator=gen)
+    params = [torch.randn(hidden, channels, generator=gen), torch.randn(hidden, generator=gen),
+              torch.randn(channels, hidden, generator=gen), torch.randn(channels, generator=gen)]
+    params = [p.requires_grad_() for p in params]
+
+    def run(loss_fn):
+        return lambda: loss_fn(student, teacher, *params).backward()
+
+    eager = _largest_allocation(run(reference.channel_align_loss))
+    chunked = _largest_allocation(run(lambda *xs: ofdkern.channel_align_loss(*xs, backend="cpu")))
+    assert eager >= full_activation  # the probe sees the eager reference's activation
+    assert chunked < full_activation / 8
+
+
+def test_module_init_state_and_forward():
+    torch.manual_seed(0)
+    module = ofdkern.ChannelAlign(S_CHANNELS, T_CHANNELS)
+    torch.manual_seed(0)
+    conv1, conv2 = nn.Conv2d(S_CHANNELS, T_CHANNELS, 1), nn.Conv2d(T_CHANNELS, T_CHANNELS, 1)
+    assert torch.equal(module.conv1.weight, conv1.weight) and torch.equal(module.conv2.bias, conv2.bias)
+    assert module.margin is None and list(module.state_dict()) == [
+        "conv1.weight", "conv1.bias", "conv2.weight", "conv2.bias"]
+
+    margin = make_margin(torch.float32).reshape(1, T_CHANNELS, 1, 1)
+    module = ofdkern.ChannelAlign(S_CHANNELS, T_CHANNELS, hidden=HIDDEN, ofd_margin=margin, reduction="mean")
+    assert module.conv1.weight.shape == (HIDDEN, S_CHANNELS, 1, 1)
+    assert "margin" in module.state_dict() and torch.equal(module.margin, margin.reshape(-1))
+    student, teacher = (x.detach().float() for x in make_inputs()[:2])
+    want = reference.ofd_loss(module.project(student), teacher, module.margin, "mean")
+    torch.testing.assert_close(module(student, teacher), want)
+
+
+def test_bad_input_names_the_argument():
+    student, teacher, w1, b1, w2, b2 = make_inputs()
+    loss = ofdkern.channel_align_loss
+    cases = [
+        (ValueError, "batch and spatial", lambda: loss(student, teacher[..., :3], w1, b1, w2, b2)),
+        (ValueError, r"w1 must have shape \(out, 5\)", lambda: loss(student, teacher, w1[:, :4], b1, w2, b2)),
+        (ValueError, r"w2 must have shape \(6, 7\)", lambda: loss(student, teacher, w1, b1, w2[:5], b2)),
+        (ValueError, r"w1 must have shape", lambda: loss(student, teacher, w1[:, :, None, None].expand(
+            HIDDEN, S_CHANNELS, 3, 3), b1, w2, b2)),
+        (ValueError, r"b1 must have shape \(7,\)", lambda: loss(student, teacher, w1, b1[:3], w2, b2)),
+        (ValueError, r"b2 must have shape \(6,\)", lambda: loss(student, teacher, w1, b1, w2, b1)),
+        (ValueError, "margin must have shape", lambda: loss(student, teacher, w1, b1, w2, b2,
+                                                              margin=torch.zeros(5))),
+        (ValueError, "reduction must be one of", lambda: loss(student, teacher, w1, b1, w2, b2, reduction="none")),
+        (ValueError, "backend must be one of", lambda: loss(student, teacher, w1, b1, w2, b2, backend="gpu")),
+        (ofdkern.BackendUnavailableError, "'cuda' cannot run on cpu",
+         lambda: loss(student, teacher, w1, b1, w2, b2, backend="cuda")),
+        (TypeError, "student must be float16", lambda: loss(student.long(), teacher, w1, b1, w2, b2)),
+        (TypeError, "w2 must be a torch.Tensor", lambda: loss(student, teacher, w1, b1, None, b2)),
+        (ValueError, "one device", lambda: loss(student, teacher, w1, b1, w2, b2.to("meta"))),
+        (ValueError, "margin gradients", lambda: loss(student, teacher, w1, b1, w2, b2, backend="cpu",
+                                                      margin=make_margin().requires_grad_())),
+    ]
+    for error, message, call in cases:
+        with pytest.raises(error, match=message):
+            call()
+    with pytest.raises(ValueError, match="ofd_margin must have 6 values"):
+        ofdkern.ChannelAlign(S_CHANNELS, T_CHANNELS, ofd_margin=torch.zeros(5))
+    with pytest.raises(ValueError, match="hidden must be a positive int"):
+        ofdkern.ChannelAlign(S_CHANNELS, T_CHANNELS, hidden=0)
