@@ -1,6 +1,8 @@
 """Conventions every fused op shares."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -16,3 +18,13 @@ def reduction_count(shape: torch.Size, reduction: str) -> int:
     if reduction == "batchmean":
         return shape[0]
     return 1
+
+
+def as_positions(feature: torch.Tensor) -> torch.Tensor:
+    """``feature`` as a dense (N, C, positions) tensor: a view for NCHW and channels_last layouts (their
+    spatial dims merge), a contiguous copy otherwise."""
+    batch, channels = feature.shape[:2]
+    positions = math.prod(feature.shape[2:])
+    merged = feature.reshape(batch, channels, positions)
+    channels_inner = merged.stride() == (channels * positions, 1, channels)
+    return merged if merged.is_contiguous() or channels_inner else merged.contiguous()

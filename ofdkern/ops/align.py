@@ -17,7 +17,6 @@ activation ever exists at full size:
 """
 from __future__ import annotations
 
-import math
 import warnings
 
 import torch
@@ -25,6 +24,7 @@ import torch
 from .. import reference
 from .._backends import BACKENDS, BackendUnavailableError, backend_status
 from .._validation import check_channel_align_args
+from ._common import accumulation_dtype, as_positions, reduction_count
 
 # Pixels per chunk of the ATen path: the hidden activation of a chunk is CHUNK_PIXELS x hidden.
 CHUNK_PIXELS = 16384
@@ -47,26 +47,9 @@ def _loss_dtype(student, teacher, w1, b1, w2, b2, margin) -> torch.dtype:
     return dtype
 
 
-def _accumulation_dtype(loss_dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if loss_dtype == torch.float64 else torch.float32
-
-
-def _as_positions(feature: torch.Tensor) -> torch.Tensor:
-    """(N, C, positions): a view for NCHW and channels_last features, a copy for other strides."""
-    return feature.reshape(feature.shape[0], feature.shape[1], math.prod(feature.shape[2:]))
-
-
 def _gradient_buffer(feature: torch.Tensor) -> torch.Tensor:
     """An (N, C, positions) buffer laid out like ``feature`` (NCHW or channels_last)."""
-    return torch.empty_like(_as_positions(feature))
-
-
-def _reduction_count(teacher_shape, reduction: str) -> int:
-    if reduction == "mean":
-        return math.prod(teacher_shape)
-    if reduction == "batchmean":
-        return teacher_shape[0]
-    return 1
+    return torch.empty_like(as_positions(feature))
 
 
 def _pixel_chunks(batch: int, positions: int, chunk: int):
@@ -165,15 +148,15 @@ def channel_align_fused(student: torch.Tensor, teacher: torch.Tensor, w1: torch.
     loss; w1 is (hidden, Cs) and w2 (Ct, hidden). Feature gradients are in the feature dtypes, weight gradients
     in the accumulation dtype; those not asked for are empty."""
     loss_dtype = _loss_dtype(student, teacher, w1, b1, w2, b2, margin)
-    acc = _accumulation_dtype(loss_dtype)
-    student3, teacher3 = _as_positions(student), _as_positions(teacher)
+    acc = accumulation_dtype(loss_dtype)
+    student3, teacher3 = as_positions(student), as_positions(teacher)
     d_student3 = _gradient_buffer(student) if grad_student else None
     d_teacher3 = _gradient_buffer(teacher) if grad_teacher else None
     params = [p.to(acc).contiguous() for p in (w1, b1, w2, b2)]
     margin_acc = None if margin is None else margin.reshape(-1).to(acc).contiguous()
     kernel = _kernel(backend, (student.shape[1], w1.shape[0], teacher.shape[1]), acc)
     total, weight_grads = kernel(student3, teacher3, *params, margin_acc, d_student3, d_teacher3, grad_weights)
-    loss = (total / _reduction_count(teacher.shape, reduction)).to(loss_dtype)
+    loss = (total / reduction_count(teacher.shape, reduction)).to(loss_dtype)
     features = [d.view(f.shape) if d is not None else _empty(f, f.dtype)
                 for d, f in ((d_student3, student), (d_teacher3, teacher))]
     weights = weight_grads if grad_weights else [_empty(student, acc) for _ in range(4)]
@@ -183,7 +166,7 @@ def channel_align_fused(student: torch.Tensor, teacher: torch.Tensor, w1: torch.
 @channel_align_fused.register_fake
 def _(student, teacher, w1, b1, w2, b2, margin, reduction, backend, grad_student, grad_teacher, grad_weights):
     loss_dtype = _loss_dtype(student, teacher, w1, b1, w2, b2, margin)
-    acc = _accumulation_dtype(loss_dtype)
+    acc = accumulation_dtype(loss_dtype)
     features = [_gradient_buffer(f).view(f.shape) if wanted else _empty(f, f.dtype)
                 for wanted, f in ((grad_student, student), (grad_teacher, teacher))]
     weights = [student.new_empty(p.shape, dtype=acc) if grad_weights else _empty(student, acc)
@@ -194,7 +177,7 @@ def _(student, teacher, w1, b1, w2, b2, margin, reduction, backend, grad_student
 def _setup_context(ctx, inputs, output):
     student, teacher, w1, b1, w2, b2, _margin, reduction, *_rest = inputs
     ctx.save_for_backward(*output[1:])
-    ctx.count = _reduction_count(teacher.shape, reduction)
+    ctx.count = reduction_count(teacher.shape, reduction)
     ctx.dtypes = [x.dtype for x in (student, teacher, w1, b1, w2, b2)]
     ctx.set_materialize_grads(False)
 
@@ -275,7 +258,7 @@ def channel_align_loss(student: torch.Tensor, teacher: torch.Tensor, w1: torch.T
     """
     check_channel_align_args(student, teacher, w1, b1, w2, b2, margin, reduction)
     channels = (student.shape[1], w1.shape[0], teacher.shape[1])
-    acc = _accumulation_dtype(_loss_dtype(student, teacher, w1, b1, w2, b2, margin))
+    acc = accumulation_dtype(_loss_dtype(student, teacher, w1, b1, w2, b2, margin))
     backend = _resolve_backend(backend, student.device, channels, acc)
     if backend == "reference":
         return reference.channel_align_loss(student, teacher, w1, b1, w2, b2, margin, reduction)

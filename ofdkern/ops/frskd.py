@@ -15,7 +15,7 @@ import torch
 from .. import reference
 from .._backends import resolve_backend
 from .._validation import check_attention_transfer_args, check_kd_args
-from ._common import accumulation_dtype, reduction_count
+from ._common import accumulation_dtype, as_positions, reduction_count
 
 # F.normalize's eps: the attention map norm is clamped below at this value.
 NORMALIZE_EPS = 1e-12
@@ -30,16 +30,6 @@ def _kernels(backend: str):
     # "cpu" and "cuda" are the C++ ops; the tensors' device picks the kernel.
     ops = torch.ops.ofdkern
     return ops.attention_map.default, ops.attention_map_backward.default, ops.kd_fused.default
-
-
-def _as_positions(feature: torch.Tensor) -> torch.Tensor:
-    """``feature`` as a dense (N, C, positions) tensor: a view for NCHW and channels_last layouts (their
-    spatial dims merge), a contiguous copy otherwise."""
-    batch, channels = feature.shape[:2]
-    positions = math.prod(feature.shape[2:])
-    merged = feature.reshape(batch, channels, positions)
-    channels_inner = merged.stride() == (channels * positions, 1, channels)
-    return merged if merged.is_contiguous() or channels_inner else merged.contiguous()
 
 
 def _normalize_backward(grad: torch.Tensor, normalized: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
@@ -68,8 +58,8 @@ def attention_transfer_fused(f_student: torch.Tensor, f_teacher: torch.Tensor, p
     """Returns (loss, d loss/d student map, d loss/d teacher map); the map gradients are for a unit upstream
     gradient without the reduction's scaling, as (N, positions) tensors in the accumulation dtypes."""
     attention_map, _, _ = _kernels(backend)
-    map_student = attention_map(_as_positions(f_student), p)
-    map_teacher = attention_map(_as_positions(f_teacher), p)
+    map_student = attention_map(as_positions(f_student), p)
+    map_teacher = attention_map(as_positions(f_teacher), p)
     total, grad_student, grad_teacher = _attention_transfer_on_maps(map_student, map_teacher)
     loss = total / reduction_count(map_student.shape, reduction)
     return loss.to(torch.promote_types(f_student.dtype, f_teacher.dtype)), grad_student, grad_teacher
@@ -90,12 +80,12 @@ def _(f_student, f_teacher, p, reduction, backend):
 def attention_map_grad(feature: torch.Tensor, grad_map: torch.Tensor, p: float, backend: str) -> torch.Tensor:
     """d <grad_map, attention map of feature> / d feature: one more read of the feature."""
     _, attention_map_backward, _ = _kernels(backend)
-    return attention_map_backward(_as_positions(feature), grad_map.contiguous(), p).view(feature.shape)
+    return attention_map_backward(as_positions(feature), grad_map.contiguous(), p).view(feature.shape)
 
 
 @attention_map_grad.register_fake
 def _(feature, grad_map, p, backend):
-    merged = _as_positions(feature)
+    merged = as_positions(feature)
     return torch.empty_strided(merged.shape, merged.stride(), dtype=feature.dtype,
                                device=feature.device).view(feature.shape)
 
