@@ -12,6 +12,7 @@
 #include <immintrin.h>
 #endif
 
+#include "cpu_buffers.h"
 #include "ofd_fused.h"
 #include "ofd_math.h"
 
@@ -161,7 +162,8 @@ FusedOutputs ofd_fused_cpu(const at::Tensor& student, const at::Tensor& teacher,
                            bool grad_teacher, bool grad_margin) {
   const int64_t numel = student.numel();
   auto outputs = allocate_fused_outputs(student, teacher, margin, elementwise, grad_student,
-                                        grad_teacher, grad_margin, (numel + kChunk - 1) / kChunk);
+                                        grad_teacher, grad_margin, (numel + kChunk - 1) / kChunk,
+                                        empty_like_hugepage);
   if (numel == 0) return outputs;
   const at::Tensor& loss = std::get<0>(outputs);
   const ChannelIndexer index = channel_indexer(student);

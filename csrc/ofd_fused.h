@@ -33,10 +33,18 @@ inline at::ScalarType accumulation_dtype(at::ScalarType feature_dtype) {
 // Validates the fused op's inputs (the Python layer already gave the user a clear error; these
 // guard direct calls of the op) and allocates the outputs. partial_count is the length of the
 // partial-sum vector when the loss is reduced.
+// empty_like allocates the feature-sized outputs (the CPU kernel passes its huge-page allocator).
+using EmptyLike = at::Tensor (*)(const at::Tensor& like, at::TensorOptions options);
+
+inline at::Tensor default_empty_like(const at::Tensor& like, at::TensorOptions options) {
+  return at::empty_like(like, options);
+}
+
 inline FusedOutputs allocate_fused_outputs(const at::Tensor& student, const at::Tensor& teacher,
                                            const at::Tensor& margin, bool elementwise,
                                            bool grad_student, bool grad_teacher, bool grad_margin,
-                                           int64_t partial_count) {
+                                           int64_t partial_count,
+                                           EmptyLike empty_like = default_empty_like) {
   TORCH_CHECK(student.dim() >= 2, "ofd_fused: student must have a channel dim 1, got shape ",
               student.sizes());
   TORCH_CHECK(student.sizes() == teacher.sizes(), "ofd_fused: student ", student.sizes(),
@@ -57,10 +65,10 @@ inline FusedOutputs allocate_fused_outputs(const at::Tensor& student, const at::
               "ofd_fused: student, teacher and margin must be on one device");
 
   const auto acc_options = student.options().dtype(acc);
-  at::Tensor loss = elementwise ? at::empty_like(student, acc_options)
+  at::Tensor loss = elementwise ? empty_like(student, acc_options)
                                 : at::empty({partial_count}, acc_options);
-  auto maybe = [](bool wanted, const at::Tensor& like, at::TensorOptions options) {
-    return wanted ? at::empty_like(like, options) : at::empty({0}, options);
+  auto maybe = [empty_like](bool wanted, const at::Tensor& like, at::TensorOptions options) {
+    return wanted ? empty_like(like, options) : at::empty({0}, options);
   };
   return {loss, maybe(grad_student, student, student.options()),
           maybe(grad_teacher, teacher, teacher.options()), maybe(grad_margin, student, acc_options)};

@@ -482,3 +482,15 @@ def test_more_than_2_31_elements(backend):
     (grad,) = torch.autograd.grad(loss, student)
     assert grad.view(-1)[-5:].float().tolist() == [4.0] * 5
     assert grad.view(-1)[: -5].abs().max().item() == 0.0
+
+
+@pytest.mark.skipif("ofdkern::empty_like_hugepage" not in STATUS["cpu"].get("ops", ()), reason="needs the extension")
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_cpu_huge_page_outputs_keep_layout_and_values(layout):
+    # Over the 8 MiB threshold: the gradient buffers come from the huge-page allocator.
+    run_case("cpu", "cpu", (4, 64, 96, 96), torch.float32, layout, "sum", grads=(True, True, False))
+    like = make_features((4, 64, 96, 96), torch.float32, "cpu", layout)[0]
+    buffer = torch.ops.ofdkern.empty_like_hugepage(like)
+    assert buffer.stride() == like.stride() and buffer.dtype == like.dtype
+    buffer.copy_(like)
+    assert torch.equal(buffer, like)

@@ -10,9 +10,15 @@ from __future__ import annotations
 import torch
 
 from .. import reference
-from .._backends import resolve_backend
+from .._backends import backend_status, resolve_backend
 from .._validation import check_ofd_args
 from ._common import reduction_count
+
+
+# Whether the extension can allocate CPU outputs on transparent huge pages.
+HUGEPAGE_BUFFERS = "ofdkern::empty_like_hugepage" in backend_status()["cpu"].get("ops", ())
+if HUGEPAGE_BUFFERS:
+    torch.library.register_fake("ofdkern::empty_like_hugepage")(lambda like: torch.empty_like(like))
 
 
 def _fused_kernel(backend: str):
@@ -103,7 +109,12 @@ def _setup_context(ctx, inputs, output):
 
 def _scaled(buffer: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``buffer * scale`` in ``dtype``, out of place: the saved buffer must stay intact for a second backward
-    through a retained graph (gradcheck does that)."""
+    through a retained graph (gradcheck does that). On CPU the result goes to a huge-page buffer when the
+    extension has one (csrc/cpu_buffers.h: faulting in a fresh feature-sized tensor costs more than the
+    multiply)."""
+    if (buffer.device.type == "cpu" and HUGEPAGE_BUFFERS and not torch.compiler.is_compiling()
+            and torch.result_type(buffer, scale) == buffer.dtype == dtype):
+        return torch.mul(buffer, scale, out=torch.ops.ofdkern.empty_like_hugepage(buffer))
     return (buffer * scale).to(dtype)
 
 
