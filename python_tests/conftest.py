@@ -26,5 +26,19 @@ BACKEND_CASES = [
 ]
 
 
+def assert_same_bits_with_one_thread(run):
+    """``run()`` (a tuple of tensors) gives bit-identical results with torch's thread count and with one
+    thread: the CPU kernels' summation order must not depend on how the work is split."""
+    first = run()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        second = run()
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
+
+
 def pytest_report_header(config):
     return [f"ofdkern backends: " + ", ".join(f"{n}={e['devices']}" for n, e in STATUS.items())]

@@ -11,7 +11,7 @@ from torch import nn
 import ofdkern
 from ofdkern import reference
 
-from conftest import BACKEND_CASES
+from conftest import BACKEND_CASES, assert_same_bits_with_one_thread
 
 ALL_CASES = BACKEND_CASES + [pytest.param("cpu", "reference", id="reference-cpu")]
 
@@ -360,12 +360,4 @@ def test_cpu_results_do_not_depend_on_thread_count():
         loss = ofdkern.attention_transfer_loss(s, t, backend="cpu") + ofdkern.kd_loss(zs, zt, backend="cpu")
         return (loss, *torch.autograd.grad(loss, (s, t, zs, zt)))
 
-    first = once()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        second = once()
-    finally:
-        torch.set_num_threads(threads)
-    for a, b in zip(first, second):
-        assert torch.equal(a, b)
+    assert_same_bits_with_one_thread(once)

@@ -16,7 +16,7 @@ import ofdkern
 from ofdkern import reference
 from ofdkern.ops.ofd import ofd_loss_fused
 
-from conftest import BACKEND_CASES, STATUS
+from conftest import BACKEND_CASES, STATUS, assert_same_bits_with_one_thread
 from ofd_cases import STORE_RTOL, assert_close, loss_rtol, make_features, make_margin, oracle
 
 REDUCTIONS = ("sum", "mean", "batchmean", "none")
@@ -180,15 +180,7 @@ def test_results_are_bitwise_deterministic(device, backend, reduction):
         grads = torch.autograd.grad(loss, (student, teacher, margin), torch.ones_like(loss))
         return (loss, *grads)
 
-    first = once()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the CPU kernel's sum order must not depend on the thread count
-    try:
-        second = once()
-    finally:
-        torch.set_num_threads(threads)
-    for a, b in zip(first, second):
-        assert torch.equal(a, b)
+    assert_same_bits_with_one_thread(once)
 
 
 @pytest.mark.parametrize("device,backend", BACKEND_CASES)
