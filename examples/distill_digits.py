@@ -11,7 +11,8 @@ mean ± std over the seeds.
 
 Measured with the defaults (3 seeds, about 2 minutes on 2 shared CPU cores), test accuracy in %:
 teacher 98.92 ± 0.39, student 95.96 ± 0.56, student + OFD 95.66 ± 0.73 (95.40 ± 0.82 with --alpha 1e-3).
-On this small, easy data set and short schedule OFD does not beat the baseline beyond seed-to-seed noise.
+With --epochs 40 (4 minutes): teacher 99.11 ± 0.29, student 97.70 ± 0.65, student + OFD 97.18 ± 0.71.
+On this small, easy data set OFD does not beat the baseline student beyond seed-to-seed noise.
 """
 from __future__ import annotations
 
