@@ -89,7 +89,9 @@ inline void store_tile(const acc_t* tile, out_t* out, int64_t n) {
 // (step 0: one channel for the whole run, NCHW-like; step 1: channels_last, one channel per element).
 template <typename W, int64_t step, typename scalar_t, typename acc_t>
 inline void ofd_run(const FusedPointers<scalar_t, acc_t>& p, int64_t begin, int64_t end,
-                    const acc_t* margin_run, std::array<acc_t, kLanes>& lanes) {
+                    const acc_t* margin_run, std::array<acc_t, kLanes>& chunk_lanes) {
+  // A local copy the compiler can keep in registers: the caller's array might alias the outputs.
+  std::array<acc_t, kLanes> lanes = chunk_lanes;
   acc_t student_buf[kTile], teacher_buf[kTile], grad_student_buf[kTile], grad_teacher_buf[kTile];
   for (int64_t tile = begin; tile < end; tile += kTile) {
     const int64_t n = std::min(kTile, end - tile);
@@ -119,6 +121,7 @@ inline void ofd_run(const FusedPointers<scalar_t, acc_t>& p, int64_t begin, int6
     store_tile(d_s, p.grad_student ? p.grad_student + tile : nullptr, n);
     store_tile(d_t, p.grad_teacher ? p.grad_teacher + tile : nullptr, n);
   }
+  chunk_lanes = lanes;
 }
 
 // One chunk of memory offsets, split into runs of one channel (NCHW-like) or of consecutive channels
