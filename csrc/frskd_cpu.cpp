@@ -20,9 +20,6 @@ constexpr int64_t kPositionTile = 1024;
 // Classes per online-softmax block: one max per block, then one exp per element.
 constexpr int64_t kClassBlock = 256;
 
-template <typename scalar_t>
-using acc_type_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-
 // Runs body(exponent) where exponent(p) returns p, as a compile-time constant for p = 2 and p = 1 so the
 // per-element math folds to a multiply.
 template <typename acc_t, typename Body>
@@ -61,7 +58,7 @@ at::Tensor attention_map_cpu(const at::Tensor& feature, double p) {
   const bool channels_inner = st.channel == 1 && positions > 1;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feature.scalar_type(), "attention_map_cpu", [&] {
-    using acc_t = acc_type_t<scalar_t>;
+    using acc_t = accumulation_t<scalar_t>;
     const scalar_t* f = feature.const_data_ptr<scalar_t>();
     acc_t* out = map.mutable_data_ptr<acc_t>();
     const acc_t exponent_value = static_cast<acc_t>(p);
@@ -91,7 +88,7 @@ at::Tensor attention_map_backward_cpu(const at::Tensor& feature, const at::Tenso
   const bool channels_inner = st.channel == 1 && positions > 1;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feature.scalar_type(), "attention_map_backward_cpu", [&] {
-    using acc_t = acc_type_t<scalar_t>;
+    using acc_t = accumulation_t<scalar_t>;
     const scalar_t* f = feature.const_data_ptr<scalar_t>();
     const acc_t* g = grad_map.const_data_ptr<acc_t>();
     scalar_t* out = grad.mutable_data_ptr<scalar_t>();
@@ -151,7 +148,7 @@ KDOutputs kd_fused_cpu(const at::Tensor& student, const at::Tensor& teacher, dou
   if (rows == 0) return outputs;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "kd_fused_cpu", [&] {
-    using acc_t = acc_type_t<scalar_t>;
+    using acc_t = accumulation_t<scalar_t>;
     const scalar_t* s_all = student.const_data_ptr<scalar_t>();
     const scalar_t* t_all = teacher.const_data_ptr<scalar_t>();
     acc_t* row_loss = std::get<0>(outputs).mutable_data_ptr<acc_t>();

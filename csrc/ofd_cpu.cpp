@@ -172,7 +172,7 @@ FusedOutputs ofd_fused_cpu(const at::Tensor& student, const at::Tensor& teacher,
   const ChannelIndexer index = channel_indexer(student);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "ofd_fused_cpu", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    using acc_t = accumulation_t<scalar_t>;
     const auto p = fused_pointers<scalar_t, acc_t>(student, teacher, margin, outputs, elementwise);
     acc_t* partials = elementwise ? nullptr : loss.mutable_data_ptr<acc_t>();
     // The common cases get their own branch-free loops; the rest share one general loop.

@@ -236,7 +236,7 @@ FusedOutputs ofd_fused_cuda(const at::Tensor& student, const at::Tensor& teacher
                                (grad_teacher ? kGradTeacher : 0u) | (grad_margin ? kGradMargin : 0u);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "ofd_fused_cuda", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    using acc_t = accumulation_t<scalar_t>;
     const auto p = fused_pointers<scalar_t, acc_t>(student, teacher, margin, outputs, elementwise);
     launch(p, numel, index, output_mask, grid, elementwise ? nullptr : loss.mutable_data_ptr<acc_t>());
   });

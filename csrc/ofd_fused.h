@@ -26,6 +26,10 @@ namespace ofdkern {
 
 using FusedOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
+// The C++ type kernels compute and accumulate in for features of type scalar_t.
+template <typename scalar_t>
+using accumulation_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
 inline at::ScalarType accumulation_dtype(at::ScalarType feature_dtype) {
   return feature_dtype == at::kDouble ? at::kDouble : at::kFloat;
 }
