@@ -4,9 +4,10 @@ Shared by the runner (run.py) and the pytest-benchmark file (test_bench_ofd.py).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, ContextManager
 
 import torch
 
@@ -144,6 +145,19 @@ class Provider:
     # Builds the timed callables of one case, per mode; called once per case (compile wrappers are fresh).
     build: Callable[[Inputs], dict[str, Step]]
     modes: tuple[str, ...] = MODES
+    # Entered around everything measured of one case (its build, timing and memory).
+    context: Callable[[], ContextManager] = contextlib.nullcontext
+
+
+@contextlib.contextmanager
+def cpu_buffer_cache_off():
+    """ofdkern's CPU kernels without their buffer cache: every feature-sized buffer is faulted in fresh, as
+    PyTorch's CPU allocator does for eager and compile."""
+    previous = ofdkern.set_cpu_buffer_cache_limit(0)
+    try:
+        yield
+    finally:
+        ofdkern.set_cpu_buffer_cache_limit(previous)
 
 
 def compiled_reference(dynamic: bool) -> Callable:
@@ -162,10 +176,15 @@ def providers(device: str, compile_dynamic: bool = False) -> list[Provider]:
     def fused(backend):
         return lambda inputs: loss_steps(lambda s, t, m: ofdkern.ofd_loss(s, t, m, backend=backend), inputs)
 
+    backends = ofdkern_backends(device)
+    fused_providers = [Provider(f"ofdkern-{backend}", fused(backend)) for backend in backends]
+    if "cpu" in backends and ofdkern.cpu_buffers.HAS_CACHE:
+        # The cache is what a training loop gets; the uncached run shows how much of the speed-up it brings.
+        fused_providers.append(Provider("ofdkern-cpu-nocache", fused("cpu"), context=cpu_buffer_cache_off))
     return [
         Provider("eager", lambda inputs: loss_steps(reference.ofd_loss, inputs)),
         Provider("compile", lambda inputs: loss_steps(compiled_reference(compile_dynamic), inputs)),
-        *[Provider(f"ofdkern-{backend}", fused(backend)) for backend in ofdkern_backends(device)],
+        *fused_providers,
         Provider("copy-roofline", roofline_steps, modes=(FORWARD_BACKWARD,)),
         Provider("copy-roofline-out", roofline_out_steps, modes=(FORWARD_BACKWARD,)),
     ]

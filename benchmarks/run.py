@@ -81,38 +81,48 @@ def _release_case_state(device: str) -> None:
 def measure_case(case: cases.Case, device: str, providers: list[cases.Provider], budget: measure.Budget,
                  copy_gb_per_s: float, measure_memory: bool, progress: tqdm) -> list[dict]:
     inputs = cases.make_inputs(case, device)
-    feature_bytes = case.numel * case.element_size
     rows = []
     for provider in providers:
-        try:
-            steps, build_error = provider.build(inputs), None
-        except Exception as error:  # a backend that fails to build must not stop the run
-            steps, build_error = {}, error
-        for mode in provider.modes:
-            progress.set_postfix_str(f"{case.label} {case.dtype} {provider.name} {mode}", refresh=True)
-            row = {"group": case.group, "label": case.label, "shape": list(case.shape), "numel": case.numel,
-                   "dtype": case.dtype, "provider": provider.name, "mode": mode,
-                   "acceptance": case.is_acceptance, "error": None,
-                   "bytes_moved": cases.bytes_moved(case, mode), "peak_extra_bytes": None,
-                   "peak_extra_tensors": None}
-            try:
-                if build_error is not None:
-                    raise build_error
-                row.update(measure.time_step(steps[mode], device, budget).summary())
-                row["gb_per_s"] = row["bytes_moved"] / (row["median_ms"] * 1e-3) / 1e9
-                row["copy_bw_fraction"] = row["gb_per_s"] / copy_gb_per_s
-                if mode == cases.FORWARD_BACKWARD and measure_memory:
-                    row["peak_extra_bytes"] = measure.peak_extra_bytes(steps[mode], device)
-                    row["peak_extra_tensors"] = row["peak_extra_bytes"] / feature_bytes
-            except Exception as error:  # recorded in the results, the run goes on
-                row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-                progress.write(f"error: {provider.name} {mode} {case.label} {case.dtype}: {row['error']}")
-                if device == "cuda":
-                    torch.cuda.empty_cache()
-            rows.append(row)
-            progress.update()
-    del inputs, steps
+        with provider.context():
+            rows += _measure_provider(case, inputs, provider, device, budget, copy_gb_per_s, measure_memory,
+                                      progress)
+    del inputs
     _release_case_state(device)
+    return rows
+
+
+def _measure_provider(case: cases.Case, inputs: cases.Inputs, provider: cases.Provider, device: str,
+                      budget: measure.Budget, copy_gb_per_s: float, measure_memory: bool,
+                      progress: tqdm) -> list[dict]:
+    feature_bytes = case.numel * case.element_size
+    rows = []
+    try:
+        steps, build_error = provider.build(inputs), None
+    except Exception as error:  # a backend that fails to build must not stop the run
+        steps, build_error = {}, error
+    for mode in provider.modes:
+        progress.set_postfix_str(f"{case.label} {case.dtype} {provider.name} {mode}", refresh=True)
+        row = {"group": case.group, "label": case.label, "shape": list(case.shape), "numel": case.numel,
+               "dtype": case.dtype, "provider": provider.name, "mode": mode,
+               "acceptance": case.is_acceptance, "error": None,
+               "bytes_moved": cases.bytes_moved(case, mode), "peak_extra_bytes": None,
+               "peak_extra_tensors": None}
+        try:
+            if build_error is not None:
+                raise build_error
+            row.update(measure.time_step(steps[mode], device, budget).summary())
+            row["gb_per_s"] = row["bytes_moved"] / (row["median_ms"] * 1e-3) / 1e9
+            row["copy_bw_fraction"] = row["gb_per_s"] / copy_gb_per_s
+            if mode == cases.FORWARD_BACKWARD and measure_memory:
+                row["peak_extra_bytes"] = measure.peak_extra_bytes(steps[mode], device)
+                row["peak_extra_tensors"] = row["peak_extra_bytes"] / feature_bytes
+        except Exception as error:  # recorded in the results, the run goes on
+            row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+            progress.write(f"error: {provider.name} {mode} {case.label} {case.dtype}: {row['error']}")
+            if device == "cuda":
+                torch.cuda.empty_cache()
+        rows.append(row)
+        progress.update()
     return rows
 
 

@@ -46,6 +46,11 @@ def _expected(provider: cases.Provider, mode: str, inputs: cases.Inputs) -> torc
 
 @pytest.mark.parametrize("provider, mode, shape_name, dtype", list(_params()))
 def test_ofd_loss(benchmark, provider, mode, shape_name, dtype):
+    with provider.context():
+        _run_benchmark(benchmark, provider, mode, shape_name, dtype)
+
+
+def _run_benchmark(benchmark, provider, mode, shape_name, dtype):
     case = cases.Case("micro", shape_name, SHAPES[shape_name], dtype)
     inputs = cases.make_inputs(case, DEVICE)
     step = provider.build(inputs)[mode]

@@ -1,5 +1,6 @@
 """ofdkern: fused kernels for feature knowledge distillation losses."""
 from ._backends import BACKENDS, BackendUnavailableError, backend_status
+from .cpu_buffers import cpu_buffer_cache_bytes, empty_cpu_buffer_cache, set_cpu_buffer_cache_limit
 from .distill import OFDDistiller, Tap, find_taps
 from .frskd import FRSKDLoss, SelfTeacher
 from .margins import DataMarginEstimator, margin_from_bn
@@ -22,8 +23,11 @@ __all__ = [
     "attention_transfer_loss",
     "backend_status",
     "channel_align_loss",
+    "cpu_buffer_cache_bytes",
+    "empty_cpu_buffer_cache",
     "find_taps",
     "kd_loss",
     "margin_from_bn",
     "ofd_loss",
+    "set_cpu_buffer_cache_limit",
 ]

@@ -218,6 +218,40 @@ def test_second_backward_through_a_retained_graph(device, backend):
 
 
 @pytest.mark.parametrize("device,backend", BACKEND_CASES)
+@pytest.mark.parametrize("retain_graph", [False, True])
+def test_backward_scales_the_saved_gradient_in_place_only_when_the_graph_dies(device, backend, retain_graph):
+    student, teacher = make_features((2, 4, 3, 3), torch.float32, device)
+    margin = make_margin(4, torch.float32, device)
+    student.requires_grad_(), teacher.requires_grad_()
+    saved = []
+
+    def pack(tensor):
+        saved.append(tensor.data_ptr())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = ofdkern.ofd_loss(student, teacher, margin, reduction="mean", backend=backend)
+    grads = torch.autograd.grad(loss * 3.0, (student, teacher), retain_graph=retain_graph)
+    # Without retain_graph the returned gradients are the forward's buffers; with it they are new tensors.
+    assert [g.data_ptr() in saved for g in grads] == [not retain_graph] * 2
+    student_ref, teacher_ref = student.detach().requires_grad_(), teacher.detach().requires_grad_()
+    expected = torch.autograd.grad(reference.ofd_loss(student_ref, teacher_ref, margin, "mean") * 3.0,
+                                   (student_ref, teacher_ref))
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want)
+    if retain_graph:
+        again = torch.autograd.grad(loss * 3.0, (student, teacher))
+        for got, want in zip(again, expected):
+            torch.testing.assert_close(got, want)
+
+
+def test_the_in_place_backward_queries_exist():
+    # The in-place backward relies on them; without them it would fail or take the slower out-of-place path.
+    assert callable(torch._C._autograd._get_current_graph_task_keep_graph)
+    assert torch._C._len_torch_dispatch_stack() == 0
+
+
+@pytest.mark.parametrize("device,backend", BACKEND_CASES)
 def test_double_backward_is_refused(device, backend):
     student, teacher = make_features((2, 4, 3, 3), torch.float32, device)
     student.requires_grad_()
@@ -486,3 +520,39 @@ def test_cpu_huge_page_outputs_keep_layout_and_values(layout):
     assert buffer.stride() == like.stride() and buffer.dtype == like.dtype
     buffer.copy_(like)
     assert torch.equal(buffer, like)
+
+
+@pytest.mark.skipif("ofdkern::empty_like_hugepage" not in STATUS["cpu"].get("ops", ()), reason="needs the extension")
+def test_cpu_buffer_cache_reuses_freed_buffers_within_its_limit():
+    like = torch.empty((4, 64, 96, 96))  # 9 MiB: over the huge-page threshold, 10 MiB once rounded
+    block = 10 << 20
+    previous = ofdkern.set_cpu_buffer_cache_limit(block)
+    try:
+        ofdkern.empty_cpu_buffer_cache()
+        assert ofdkern.cpu_buffer_cache_bytes() == 0
+        first = torch.ops.ofdkern.empty_like_hugepage(like)
+        address = first.data_ptr()
+        del first
+        assert ofdkern.cpu_buffer_cache_bytes() == block
+        again = torch.ops.ofdkern.empty_like_hugepage(like)
+        assert again.data_ptr() == address and ofdkern.cpu_buffer_cache_bytes() == 0
+        other = torch.ops.ofdkern.empty_like_hugepage(like)
+        del again, other  # two blocks freed, room for one: the older one goes back to the system
+        assert ofdkern.cpu_buffer_cache_bytes() == block
+        assert torch.ops.ofdkern.empty_like_hugepage(torch.empty((4, 64, 128, 128))).data_ptr() != address
+        assert ofdkern.cpu_buffer_cache_bytes() == block  # another size does not take the cached block
+        ofdkern.empty_cpu_buffer_cache()
+        assert ofdkern.cpu_buffer_cache_bytes() == 0
+        assert ofdkern.set_cpu_buffer_cache_limit(0) == block  # emptying kept the limit
+        del like
+        kept = torch.ops.ofdkern.empty_like_hugepage(torch.empty((4, 64, 96, 96)))
+        del kept
+        assert ofdkern.cpu_buffer_cache_bytes() == 0  # limit 0: nothing is cached
+    finally:
+        ofdkern.set_cpu_buffer_cache_limit(previous)
+
+
+@pytest.mark.parametrize("limit", [-1, 1.5, True, "1"])
+def test_cpu_buffer_cache_limit_must_be_a_non_negative_int(limit):
+    with pytest.raises(ValueError, match="limit_bytes must be an int >= 0"):
+        ofdkern.set_cpu_buffer_cache_limit(limit)

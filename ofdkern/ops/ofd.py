@@ -3,7 +3,9 @@ and the fake kernel.
 
 Forward runs one fused kernel that writes the loss (partial sums or per-element values) and the gradients
 of the unit-weighted loss into separate buffers; backward only scales those buffers by ``grad_output``
-(a device tensor: no host sync), so forward + backward reads the features once.
+(a device tensor: no host sync), so forward + backward reads the features once. When autograd frees the
+graph after the backward (the usual ``loss.backward()``), the scaling is in place: the returned gradient is
+the forward's buffer, not a second one.
 """
 from __future__ import annotations
 
@@ -71,7 +73,8 @@ def ofd_loss_fused(student: torch.Tensor, teacher: torch.Tensor, margin: torch.T
                    backend: str, grad_student: bool, grad_teacher: bool, grad_margin: bool
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (loss, d loss/d student, d loss/d teacher, per-element d loss/d margin) for a unit upstream
-    gradient and no reduction scaling; gradients not asked for are empty."""
+    gradient and no reduction scaling; gradients not asked for are empty. The gradient outputs belong to
+    autograd: its backward scales them in place when the graph is not retained."""
     student_p, teacher_p, margin_p, out_dtype = _prepare(student, teacher, margin)
     elementwise = reduction == "none"
     loss, d_student, d_teacher, d_margin = _fused_kernel(backend)(
@@ -107,13 +110,24 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _scaled(buffer: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``buffer * scale`` in ``dtype``, out of place: the saved buffer must stay intact for a second backward
-    through a retained graph (gradcheck does that). On CPU the result goes to a huge-page buffer when the
-    extension has one (csrc/cpu_buffers.h: faulting in a fresh feature-sized tensor costs more than the
-    multiply)."""
-    if (buffer.device.type == "cpu" and HUGEPAGE_BUFFERS and not torch.compiler.is_compiling()
-            and torch.result_type(buffer, scale) == buffer.dtype == dtype):
+def _graph_dies_with_this_backward() -> bool:
+    """True when autograd frees the graph after this backward (no ``retain_graph``): the saved gradient
+    buffers are then used for the last time and may be scaled in place. A retained graph (gradcheck, a second
+    backward) needs them intact. So does tracing (a dispatch mode such as make_fx or fake tensors is active:
+    the traced graph must stay functional), and a torch without the query."""
+    keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    tracing = torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
+    return keep_graph is not None and not tracing and not keep_graph()
+
+
+def _scaled(buffer: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, in_place: bool) -> torch.Tensor:
+    """``buffer * scale`` in ``dtype``: in place on the saved buffer when allowed (no second feature-sized
+    buffer to fault in and fill), else out of place; on CPU into a huge-page buffer when the extension has one
+    (csrc/cpu_buffers.h: faulting in a fresh feature-sized tensor costs more than the multiply)."""
+    same_dtype = torch.result_type(buffer, scale) == buffer.dtype == dtype
+    if in_place and same_dtype:
+        return buffer.mul_(scale)
+    if buffer.device.type == "cpu" and HUGEPAGE_BUFFERS and not torch.compiler.is_compiling() and same_dtype:
         return torch.mul(buffer, scale, out=torch.ops.ofdkern.empty_like_hugepage(buffer))
     return (buffer * scale).to(dtype)
 
@@ -130,10 +144,11 @@ def _backward(ctx, grad_loss, *_unused):
     # Reductions: a 0-dim scale (stays on device). "none": the per-element upstream gradient.
     scale = grad_loss if ctx.reduction == "none" else grad_loss / ctx.count
     student_dtype, teacher_dtype, margin_dtype = ctx.dtypes
+    in_place = _graph_dies_with_this_backward()
     if ctx.needs_input_grad[0]:
-        grads[0] = _scaled(d_student, scale, student_dtype)
+        grads[0] = _scaled(d_student, scale, student_dtype, in_place)
     if ctx.needs_input_grad[1]:
-        grads[1] = _scaled(d_teacher, scale, teacher_dtype)
+        grads[1] = _scaled(d_teacher, scale, teacher_dtype, in_place)
     if ctx.needs_input_grad[2]:
         channel_sum_dims = [d for d in range(d_margin.dim()) if d != 1]
         per_channel = (d_margin * scale).sum(dim=channel_sum_dims)
