@@ -36,6 +36,18 @@ using LossOnly = Writes<false, false>;
 using LossAndStudentGrad = Writes<true, false>;
 using AnyOutputs = Writes<false, true>;
 
+// The chunk loop is compiled twice, for AVX2 and for the baseline ISA, and the loader picks one per CPU
+// (an ifunc): 256-bit vectors read the features ~10% faster than the baseline's 128-bit ones, and the build
+// needs no -mavx2 that would exclude older CPUs. No FMA, so both versions give the same bits. The run
+// helper is forced inline so it is compiled into each version.
+#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
+#define OFD_CPU_ISA_CLONES __attribute__((target_clones("avx2", "default")))
+#define OFD_CPU_INLINE __attribute__((always_inline)) inline
+#else
+#define OFD_CPU_ISA_CLONES
+#define OFD_CPU_INLINE inline
+#endif
+
 // Elements converted to the accumulation type at a time: half-precision loads and stores go through
 // small buffers so the math loop is the same vectorized float loop for every dtype.
 constexpr int64_t kTile = 256;
@@ -88,8 +100,8 @@ inline void store_tile(const acc_t* tile, out_t* out, int64_t n) {
 // Memory offsets [begin, end) whose margins are margin_run[0], margin_run[step], margin_run[2 * step], ...
 // (step 0: one channel for the whole run, NCHW-like; step 1: channels_last, one channel per element).
 template <typename W, int64_t step, typename scalar_t, typename acc_t>
-inline void ofd_run(const FusedPointers<scalar_t, acc_t>& p, int64_t begin, int64_t end,
-                    const acc_t* margin_run, std::array<acc_t, kLanes>& chunk_lanes) {
+OFD_CPU_INLINE void ofd_run(const FusedPointers<scalar_t, acc_t>& p, int64_t begin, int64_t end,
+                            const acc_t* margin_run, std::array<acc_t, kLanes>& chunk_lanes) {
   // A local copy the compiler can keep in registers: the caller's array might alias the outputs.
   std::array<acc_t, kLanes> lanes = chunk_lanes;
   acc_t student_buf[kTile], teacher_buf[kTile], grad_student_buf[kTile], grad_teacher_buf[kTile];
@@ -127,8 +139,8 @@ inline void ofd_run(const FusedPointers<scalar_t, acc_t>& p, int64_t begin, int6
 // One chunk of memory offsets, split into runs of one channel (NCHW-like) or of consecutive channels
 // (channels_last). Returns the chunk's loss partial, summed in a fixed order.
 template <typename W, typename scalar_t, typename acc_t>
-acc_t ofd_chunk(const FusedPointers<scalar_t, acc_t>& p, ChannelIndexer index, int64_t begin,
-                int64_t end) {
+OFD_CPU_ISA_CLONES acc_t ofd_chunk(const FusedPointers<scalar_t, acc_t>& p, ChannelIndexer index,
+                                   int64_t begin, int64_t end) {
   std::array<acc_t, kLanes> lanes{};
   for (int64_t i = begin; i < end;) {
     if (index.channel_stride == 1) {
