@@ -110,6 +110,11 @@ def _runs(backend: str, device_type: str, cpp_op: str) -> bool:
     return backend not in _CPP_KERNELS or cpp_op in _CPP_KERNELS[backend]
 
 
+def triton_status() -> dict:
+    """Triton's entry of the status computed at import (read-only: not a copy, unlike ``backend_status``)."""
+    return _STATUS["triton"]
+
+
 def resolve_backend(backend: str, device: torch.device, cpp_op: str) -> str:
     """The backend that runs an op on tensors of ``device``; raises if ``backend`` cannot. ``cpp_op`` is the
     extension op the "cpu" and "cuda" backends would call (not every op has a kernel on every device)."""

@@ -22,7 +22,7 @@ import warnings
 import torch
 
 from .. import reference
-from .._backends import BACKENDS, BackendUnavailableError, backend_status
+from .._backends import BACKENDS, BackendUnavailableError, triton_status
 from .._validation import check_channel_align_args
 from ._common import accumulation_dtype, as_positions, reduction_count
 
@@ -207,20 +207,20 @@ def _resolve_backend(backend: str, device: torch.device, channels: tuple[int, in
     global _warned_triton_fallback
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    triton_status = backend_status()["triton"]
+    triton = triton_status()
     fits_triton = _fits_triton(channels, acc)
     if backend == "auto":
         if device.type == "cuda":
-            return "triton" if fits_triton and "cuda" in triton_status["devices"] else "cuda"
+            return "triton" if fits_triton and "cuda" in triton["devices"] else "cuda"
         return "cpu" if device.type == "cpu" else "reference"
     if backend in ("cpu", "cuda") and device.type != backend:
         raise BackendUnavailableError(
             f"backend {backend!r} cannot run on {device.type} tensors (channel_align_loss runs its {backend!r} "
             f"backend on {backend} tensors only)")
     if backend == "triton":
-        if device.type not in triton_status["devices"]:
+        if device.type not in triton["devices"]:
             raise BackendUnavailableError(f"backend 'triton' cannot run on {device.type} tensors: "
-                                          f"{triton_status['reason'] or 'not available for this device'}")
+                                          f"{triton['reason'] or 'not available for this device'}")
         if not fits_triton and not _warned_triton_fallback:
             _warned_triton_fallback = True
             warnings.warn(f"ofdkern.channel_align_loss: channels {channels} exceed the Triton kernel's bound "
