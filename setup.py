@@ -47,6 +47,12 @@ def _extensions():
         # Hardware float16 <-> float32 conversion (every x86-64 CPU since 2012 has F16C): without it c10::Half
         # converts in software and the fp16 CPU kernel runs ~15x slower than the bfloat16 one.
         cxx_flags.append("-mf16c")
+    link_flags = []
+    if sys.platform.startswith("linux"):
+        # at::parallel_for is inline: without OpenMP in this build its `#pragma omp parallel` compiles to a
+        # serial loop. The extension links the libgomp that torch already loaded (same soname).
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
     if why_not is None:
         print(f"ofdkern: building the CPU and CUDA kernels (CUDA_HOME={cpp_extension.CUDA_HOME})")
         ext = cpp_extension.CUDAExtension(
@@ -54,10 +60,12 @@ def _extensions():
             sources + cuda_sources,
             define_macros=[("OFDKERN_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"]},
+            extra_link_args=link_flags,
         )
     else:
         print(f"ofdkern: building the CPU kernels only ({why_not})")
-        ext = cpp_extension.CppExtension("ofdkern._C", sources, extra_compile_args={"cxx": cxx_flags})
+        ext = cpp_extension.CppExtension("ofdkern._C", sources, extra_compile_args={"cxx": cxx_flags},
+                                         extra_link_args=link_flags)
     return [ext], {"build_ext": cpp_extension.BuildExtension}
 
 

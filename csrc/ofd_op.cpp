@@ -11,7 +11,18 @@ PyObject* PyInit__C(void) {
 }
 }
 
+// Whether at::parallel_for runs the CPU kernels on torch's threads: its `#pragma omp parallel` is inline,
+// so it is serial unless this extension itself was compiled with OpenMP.
+bool cpu_kernels_parallel() {
+#if defined(_OPENMP)
+  return true;
+#else
+  return false;
+#endif
+}
+
 TORCH_LIBRARY(ofdkern, m) {
+  m.def("cpu_kernels_parallel() -> bool", &cpu_kernels_parallel);
   m.def(
       "ofd_fused(Tensor student, Tensor teacher, Tensor margin, bool elementwise, "
       "bool grad_student, bool grad_teacher, bool grad_margin) -> (Tensor, Tensor, Tensor, Tensor)");

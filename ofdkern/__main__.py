@@ -21,6 +21,11 @@ def main() -> None:
     for name, entry in ofdkern.backend_status().items():
         devices = ",".join(entry["devices"]) or "-"
         print(f"{name:<10} {str(entry['built']):<6} {devices:<14} {entry['reason'] or ''}")
+    cpu = ofdkern.backend_status()["cpu"]
+    if cpu["built"]:
+        threads = (f"{torch.get_num_threads()} threads (torch.set_num_threads)" if cpu["parallel"]
+                   else "1 thread (the extension was built without OpenMP)")
+        print(f"cpu kernels: {threads}")
 
 
 if __name__ == "__main__":

@@ -87,15 +87,19 @@ def _status() -> dict[str, dict]:
 
 # Computed once: op calls consult it on every call (also while torch.compile traces them).
 _STATUS = _status()
+# Whether the C++ CPU kernels run on torch's intra-op threads (the extension was built with OpenMP).
+_CPU_KERNELS_PARALLEL = bool(_CPP_KERNELS["cpu"]) and torch.ops.ofdkern.cpu_kernels_parallel()
 
 
 def backend_status() -> dict[str, dict]:
     """For each backend: ``built``, ``available`` (on some device of this machine), ``devices``
     (the tensor device types it runs on), ``reason`` (why it is unavailable, or None) and, for the C++
-    backends, ``ops`` (the compiled ops that have a kernel there)."""
+    backends, ``ops`` (the compiled ops that have a kernel there); for "cpu", ``parallel`` (whether its kernels
+    run on ``torch.get_num_threads()`` threads: the extension was built with OpenMP)."""
     status = {name: dict(entry, devices=list(entry["devices"])) for name, entry in _STATUS.items()}
     for name, ops in _CPP_KERNELS.items():
         status[name]["ops"] = list(ops)
+    status["cpu"]["parallel"] = _CPU_KERNELS_PARALLEL
     return status
 
 

@@ -396,6 +396,15 @@ def test_python_m_ofdkern_prints_the_backend_matrix():
     assert result.returncode == 0, result.stderr
     for name in ("triton", "cuda", "cpu", "reference"):
         assert name in result.stdout
+    if STATUS["cpu"]["built"]:
+        assert "cpu kernels: " in result.stdout
+
+
+@pytest.mark.skipif(not STATUS["cpu"]["built"] or not sys.platform.startswith("linux"),
+                    reason="the OpenMP build flag is set on Linux")
+def test_cpu_kernels_are_built_parallel():
+    # Without OpenMP in the extension's own build, at::parallel_for silently runs the kernels on one thread.
+    assert STATUS["cpu"]["parallel"] is True
 
 
 # ---- torch integration ----------------------------------------------------------------------------------
