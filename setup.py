@@ -53,6 +53,10 @@ def _extensions():
         # serial loop. The extension links the libgomp that torch already loaded (same soname).
         cxx_flags.append("-fopenmp")
         link_flags.append("-fopenmp")
+        # Share the C++ runtime torch loaded. Some toolchains link libstdc++ statically by default (seen with
+        # a GCC under /opt/gcc): the extension then carries a second copy whose locale facets are not the
+        # process's, and formatting any error message (TORCH_CHECK) segfaults.
+        link_flags.append("-l:libstdc++.so.6")
     if why_not is None:
         print(f"ofdkern: building the CPU and CUDA kernels (CUDA_HOME={cpp_extension.CUDA_HOME})")
         ext = cpp_extension.CUDAExtension(

@@ -113,6 +113,35 @@ def _time_cuda(step, reps: int) -> list[float]:
     return [start.elapsed_time(end) * 1e-3 for start, end in zip(starts, ends)]
 
 
+def time_step_cuda_graph(step: Callable[[], torch.Tensor], reps: int) -> list[float]:
+    """Device time of ``step`` without its host work: the step (already warmed up by ``time_step``) is
+    captured once in a CUDA graph and the graph is replayed ``reps`` times, L2 flushed before each replay,
+    CUDA events around each. Python, dispatch and the autograd engine run once, at capture; what is left is
+    the step's kernels back to back, which is what a training step whose host work runs ahead of the GPU
+    pays. Raises if the step cannot be captured (a host sync, a CPU tensor)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # one call on the capture stream first: autograd keeps per-stream state
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    flush = torch.empty(_L2_FLUSH_BYTES, dtype=torch.int8, device="cuda")
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    graph.replay()
+    torch.cuda.synchronize()
+    for start, end in zip(starts, ends):
+        flush.zero_()
+        start.record()
+        graph.replay()
+        end.record()
+    torch.cuda.synchronize()
+    del captured, graph
+    return [start.elapsed_time(end) * 1e-3 for start, end in zip(starts, ends)]
+
+
 # ---- peak extra memory -------------------------------------------------------------------------------
 
 def _libc():
@@ -227,7 +256,11 @@ def _git_commit() -> Optional[str]:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         result = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True,
                                 text=True, timeout=10)
-        return result.stdout.strip() or None
+        changed = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+                                 capture_output=True, text=True, timeout=10)
+        commit = result.stdout.strip()
+        # A run from a tree with uncommitted changes measured code that no commit holds: say so.
+        return (commit + ("+uncommitted" if changed.stdout.strip() else "")) or None
     except (OSError, subprocess.SubprocessError):
         return None
 

@@ -11,8 +11,10 @@ from torch import nn
 import ofdkern
 from ofdkern import reference
 
-from conftest import BACKEND_CASES, assert_same_bits_with_one_thread
+from conftest import assert_same_bits_with_one_thread, backend_cases
 
+# Both FRSKD losses have kernels on the same backends (C++ on CPU, Triton on CPU and CUDA; no CUDA C++).
+BACKEND_CASES = backend_cases("ofdkern::attention_map", "ofdkern::kd_fused")
 ALL_CASES = BACKEND_CASES + [pytest.param("cpu", "reference", id="reference-cpu")]
 
 
@@ -42,6 +44,7 @@ def expected_with_grads(fn, inputs, grad_output):
 def check_against_reference(loss_fn, reference_fn, inputs, rtol):
     loss = loss_fn(*inputs)
     grad_output = torch.randn(loss.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    grad_output = grad_output.to(loss.device)
     expected, expected_grads = expected_with_grads(reference_fn, inputs, grad_output)
     assert loss.dtype == torch.promote_types(inputs[0].dtype, inputs[1].dtype)
     torch.testing.assert_close(loss.double(), expected, rtol=rtol, atol=rtol * expected.abs().max().item())
