@@ -1,5 +1,6 @@
-// CUDA kernel of the fused OFD op: one grid-stride pass over student and teacher in memory order that
-// writes the per-block loss partials (or per-element losses) and the requested gradients.
+// CUDA kernels of the fused OFD op: one grid-stride pass over student and teacher in memory order that
+// writes the per-block loss partials (or per-element losses) and the requested gradients; and its
+// backward's in-place scaling of those gradients by grad_output (scale_).
 //
 // Determinism: the grid depends only on the device and numel, every thread sums its elements in a
 // fixed order and each block reduces its threads in a fixed tree, so the partial vector (summed in
@@ -87,8 +88,9 @@ enum OutputBits : unsigned {
 
 __host__ __device__ constexpr bool writes(unsigned mask, OutputBits output) { return (mask & output) != 0; }
 
-// n consecutive elements from memory offset `offset`, the first of which is at `cursor`.
-template <unsigned kOut, int n, typename scalar_t, typename acc_t>
+// n consecutive elements from memory offset `offset`, the first of which is at `cursor`. kOneChannel: the
+// caller knows they all share that channel (one margin load, no cursor steps per element).
+template <unsigned kOut, int n, bool kOneChannel, typename scalar_t, typename acc_t>
 __device__ __forceinline__ void ofd_pack(const FusedPointers<scalar_t, acc_t>& p, int64_t offset,
                                          ChannelCursor cursor, const ChannelWalk& walk,
                                          acc_t& sum) {
@@ -98,10 +100,13 @@ __device__ __forceinline__ void ofd_pack(const FusedPointers<scalar_t, acc_t>& p
   Pack<scalar_t, n> d_student;
   Pack<scalar_t, n> d_teacher;
   Pack<acc_t, n> d_margin;
+  acc_t m = p.margin[cursor.channel];
 #pragma unroll
   for (int k = 0; k < n; ++k) {
-    if (k > 0) cursor.advance(walk.element, walk.index);
-    const acc_t m = p.margin[cursor.channel];
+    if (!kOneChannel && k > 0) {
+      cursor.advance(walk.element, walk.index);
+      m = p.margin[cursor.channel];
+    }
     const acc_t tv = static_cast<acc_t>(t.v[k]);
     const auto point = ofd_point<acc_t>(static_cast<acc_t>(s.v[k]), tv, m);
     if constexpr (writes(kOut, kElementwise)) loss.v[k] = point.loss;
@@ -140,6 +145,18 @@ __device__ acc_t block_sum(acc_t value) {
   return value;
 }
 
+// The grid-stride loop over this thread's whole vectors, from memory offset `offset`.
+template <unsigned kOut, int kVec, bool kOneChannel, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void ofd_vectors(const FusedPointers<scalar_t, acc_t>& p, int64_t offset,
+                                            int64_t vector_end, int64_t grid_stride,
+                                            const ChannelWalk& walk, acc_t& sum) {
+  ChannelCursor cursor = ChannelCursor::at(offset, walk.index);
+  for (; offset < vector_end; offset += grid_stride) {
+    ofd_pack<kOut, kVec, kOneChannel>(p, offset, cursor, walk, sum);
+    cursor.advance(walk.grid, walk.index);
+  }
+}
+
 // kVec elements per step (1: the scalar kernel for misaligned pointers). The numel % kVec elements
 // past the last whole vector are taken one each by the first threads.
 template <typename scalar_t, typename acc_t, int kVec, unsigned kOut>
@@ -150,15 +167,15 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
   const int64_t grid_stride = static_cast<int64_t>(gridDim.x) * kThreads * kVec;
   const int64_t vector_end = numel / kVec * kVec;
   acc_t sum = 0;
-  int64_t offset = thread * kVec;
-  ChannelCursor cursor = ChannelCursor::at(offset, walk.index);
-  for (; offset < vector_end; offset += grid_stride) {
-    ofd_pack<kOut, kVec>(p, offset, cursor, walk, sum);
-    cursor.advance(walk.grid, walk.index);
-  }
+  // Vectors start at multiples of kVec: when channels span a multiple of kVec elements (NCHW with
+  // H * W % kVec == 0, the usual case) no vector straddles two channels.
+  if (kVec > 1 && walk.index.channel_stride % kVec == 0)
+    ofd_vectors<kOut, kVec, true>(p, thread * kVec, vector_end, grid_stride, walk, sum);
+  else
+    ofd_vectors<kOut, kVec, false>(p, thread * kVec, vector_end, grid_stride, walk, sum);
   if constexpr (kVec > 1) {
     const int64_t tail = vector_end + thread;
-    if (tail < numel) ofd_pack<kOut, 1>(p, tail, ChannelCursor::at(tail, walk.index), walk, sum);
+    if (tail < numel) ofd_pack<kOut, 1, true>(p, tail, ChannelCursor::at(tail, walk.index), walk, sum);
   }
   if constexpr (!writes(kOut, kElementwise)) {
     sum = block_sum(sum);
@@ -243,8 +260,59 @@ FusedOutputs ofd_fused_cuda(const at::Tensor& student, const at::Tensor& teacher
   return outputs;
 }
 
+// The backward of the fused op: the saved unit gradient times grad_output, in place. The factor is read on
+// the device (no host sync) in the accumulation type, so every element is rounded once. (torch's mul_ by
+// a 0-dim CUDA tensor of another dtype rounds the factor to a half-precision gradient's dtype first and
+// leaves its vectorized path: about a third of the copy bandwidth on an H100.)
+template <typename scalar_t, typename acc_t, int kVec>
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm)
+    scale_kernel(scalar_t* gradient, const acc_t* factor_ptr, int64_t numel) {
+  const acc_t factor = *factor_ptr;
+  const int64_t thread = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  const int64_t grid_stride = static_cast<int64_t>(gridDim.x) * kThreads * kVec;
+  const int64_t vector_end = numel / kVec * kVec;
+  for (int64_t offset = thread * kVec; offset < vector_end; offset += grid_stride) {
+    auto* pack = reinterpret_cast<Pack<scalar_t, kVec>*>(gradient + offset);
+    Pack<scalar_t, kVec> values = *pack;
+#pragma unroll
+    for (int k = 0; k < kVec; ++k)
+      values.v[k] = static_cast<scalar_t>(static_cast<acc_t>(values.v[k]) * factor);
+    *pack = values;
+  }
+  const int64_t tail = vector_end + thread;
+  if (kVec > 1 && tail < numel)
+    gradient[tail] = static_cast<scalar_t>(static_cast<acc_t>(gradient[tail]) * factor);
+}
+
+void scale_cuda(const at::Tensor& gradient, const at::Tensor& factor) {
+  TORCH_CHECK(gradient.is_non_overlapping_and_dense(), "scale_: gradient must be non-overlapping and dense");
+  const auto acc = accumulation_dtype(gradient.scalar_type());
+  TORCH_CHECK(factor.dim() == 0 && factor.scalar_type() == acc && factor.device() == gradient.device(),
+              "scale_: factor must be a 0-dim ", acc, " tensor on ", gradient.device(), ", got shape ",
+              factor.sizes(), " dtype ", factor.scalar_type(), " on ", factor.device());
+  const c10::cuda::CUDAGuard device_guard(gradient.device());
+  const int64_t numel = gradient.numel();
+  if (numel == 0) return;
+  const int grid = grid_size(numel, gradient.device().index());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gradient.scalar_type(), "scale_cuda", [&] {
+    using acc_t = accumulation_t<scalar_t>;
+    constexpr int kVec = kVectorBytes / sizeof(scalar_t);
+    scalar_t* data = gradient.mutable_data_ptr<scalar_t>();
+    const acc_t* factor_data = factor.const_data_ptr<acc_t>();
+    if (aligned(data, kVectorBytes))
+      scale_kernel<scalar_t, acc_t, kVec><<<grid, kThreads, 0, stream>>>(data, factor_data, numel);
+    else
+      scale_kernel<scalar_t, acc_t, 1><<<grid, kThreads, 0, stream>>>(data, factor_data, numel);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(ofdkern, CUDA, m) { m.impl("ofd_fused", &ofd_fused_cuda); }
+TORCH_LIBRARY_IMPL(ofdkern, CUDA, m) {
+  m.impl("ofd_fused", &ofd_fused_cuda);
+  m.impl("scale_", &scale_cuda);
+}
 
 }  // namespace ofdkern

@@ -26,4 +26,7 @@ TORCH_LIBRARY(ofdkern, m) {
   m.def(
       "ofd_fused(Tensor student, Tensor teacher, Tensor margin, bool elementwise, "
       "bool grad_student, bool grad_teacher, bool grad_margin) -> (Tensor, Tensor, Tensor, Tensor)");
+  // The fused op's backward: gradient *= factor (a 0-dim tensor in the accumulation dtype, read on the
+  // device). CUDA only: on the CPU torch's mul_ by a 0-dim tensor is already one exact, vectorized pass.
+  m.def("scale_(Tensor(a!) gradient, Tensor factor) -> ()");
 }

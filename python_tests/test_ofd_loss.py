@@ -91,6 +91,16 @@ def test_feature_map_matches_reference(device, backend, dtype, layout, reduction
 
 
 @pytest.mark.parametrize("device,backend", BACKEND_CASES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_planes_of_whole_vectors_match_reference(device, backend, dtype, reduction):
+    # H * W a multiple of every vector width (16 bytes: 8 half, 4 float or 2 double elements): the CUDA
+    # kernel's one-margin-per-vector path. The odd planes of the other tests take its per-element channel walk.
+    shape = (3, 37, 8, 12) if backend != "triton" or device == "cuda" else (2, 5, 8, 12)
+    run_case(device, backend, shape, dtype, "contiguous", reduction, grads=(True, True, True))
+
+
+@pytest.mark.parametrize("device,backend", BACKEND_CASES)
 def test_large_sum_in_float32(device, backend):
     # 2^20 + tail elements: many partial sums, fixed-order final reduce.
     if backend == "triton" and device == "cpu":
@@ -205,6 +215,26 @@ def test_grad_output_scales_the_gradient(device, backend):
         return torch.autograd.grad(loss * weight, student)[0]
 
     torch.testing.assert_close(grad_of(-7.5), grad_of(1.0) * -7.5)
+
+
+@pytest.mark.parametrize("device,backend", BACKEND_CASES)
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_half_precision_gradient_is_scaled_by_the_exact_factor(device, backend, reduction):
+    # 1 + 2^-11 rounds to 1 in float16. The saved float16 gradient must be multiplied by the float32 factor
+    # and rounded once, not by the factor rounded to float16 (what torch's mul_ by a 0-dim CUDA tensor does).
+    student, teacher = make_features((2, 8, 4, 4), torch.float16, device)
+    margin = make_margin(8, torch.float32, device)
+    student.requires_grad_()
+
+    def grad_of(reduction, weight):
+        loss = ofdkern.ofd_loss(student, teacher, margin, reduction=reduction, backend=backend)
+        return torch.autograd.grad(loss, student, torch.tensor(weight, device=device))[0]
+
+    unit = grad_of("sum", 1.0)
+    factor = torch.tensor(1 + 2**-11) / (student.numel() if reduction == "mean" else 1)
+    scaled = grad_of(reduction, 1 + 2**-11)
+    assert torch.equal(scaled, (unit.float() * factor.to(device)).half())
+    assert not torch.equal(scaled, (unit.float() * factor.half().float().to(device)).half())
 
 
 @pytest.mark.parametrize("device,backend", BACKEND_CASES)
@@ -500,6 +530,22 @@ def test_cuda_graph_capture(backend):
 
 
 @pytest.mark.gpu
+def test_cuda_scale_op():
+    if "cuda" not in STATUS["cuda"]["devices"]:
+        pytest.skip("needs the CUDA kernels and a CUDA device")
+    gradient = torch.randn(1000, device="cuda", dtype=torch.bfloat16)
+    factor = torch.tensor(0.3, device="cuda")
+    torch.library.opcheck(torch.ops.ofdkern.scale_, (gradient.clone(), factor))
+    expected = (gradient.float() * 0.3).bfloat16()
+    torch.ops.ofdkern.scale_(gradient, factor)
+    assert torch.equal(gradient, expected)
+    with pytest.raises(RuntimeError, match="factor must be a 0-dim Float tensor"):
+        torch.ops.ofdkern.scale_(gradient, factor.double())
+    with pytest.raises(RuntimeError, match="factor must be a 0-dim Float tensor"):
+        torch.ops.ofdkern.scale_(gradient, factor.cpu())
+
+
+@pytest.mark.gpu
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", [b for b in ("cuda", "triton") if "cuda" in STATUS[b]["devices"]] or ["cuda"])
 def test_more_than_2_31_elements(backend):
@@ -514,8 +560,9 @@ def test_more_than_2_31_elements(backend):
     student.requires_grad_()
     loss = ofdkern.ofd_loss(student, teacher, margin, backend=backend)
     assert loss.item() == 20.0
-    (grad,) = torch.autograd.grad(loss, student)
-    assert grad.view(-1)[-5:].float().tolist() == [4.0] * 5
+    # The backward's in-place scaling must reach the last elements too.
+    (grad,) = torch.autograd.grad(loss * 0.5, student)
+    assert grad.view(-1)[-5:].float().tolist() == [2.0] * 5
     assert grad.view(-1)[: -5].abs().max().item() == 0.0
 
 

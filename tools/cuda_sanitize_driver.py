@@ -1,12 +1,15 @@
-"""Exercises every instance of the CUDA kernel of ``ofdkern::ofd_fused`` on small, awkward inputs, for
-tools/sanitize_cuda.sh (compute-sanitizer memcheck / racecheck) and as a plain GPU smoke test.
+"""Exercises every instance of the CUDA kernels of ``ofdkern::ofd_fused`` and ``ofdkern::scale_`` on small,
+awkward inputs, for tools/sanitize_cuda.sh (compute-sanitizer memcheck / racecheck) and as a plain GPU smoke
+test.
 
 Covers: all 16 output combinations (loss reduced or per element x each gradient), fp32/fp64/fp16/bf16,
 NCHW, channels_last, channels_last_3d, 2-D features, a size-1 channel dim, sizes that leave a scalar tail,
-views starting one element into their storage (misaligned: the scalar kernel), inputs large enough that
-each thread loops more than once over the grid, exact ties t == margin, and an empty tensor.
-Outputs are checked against the C++ CPU kernel, reruns against themselves (bitwise), and the public
-``ofd_loss(backend="cuda")`` with autograd against the eager reference. Exit status 1 on any mismatch.
+planes of whole vectors (one margin per vector) and odd ones (the per-element channel walk), views starting
+one element into their storage (misaligned: the scalar kernels), inputs large enough that each thread loops
+more than once over the grid, exact ties t == margin, and an empty tensor.
+Outputs are checked against the C++ CPU kernel, reruns against themselves (bitwise), scale_ against the
+float32 (float64) product rounded once, and the public ``ofd_loss(backend="cuda")`` with autograd against
+the eager reference. Exit status 1 on any mismatch.
 """
 from __future__ import annotations
 
@@ -29,6 +32,8 @@ SMALL_CASES = [
     ((3, 5, 7, 9), "contiguous", 1),
     ((3, 5, 7, 9), "channels_last", 0),
     ((3, 5, 7, 9), "channels_last", 1),
+    ((3, 5, 4, 6), "contiguous", 0),
+    ((3, 5, 4, 6), "contiguous", 1),
     ((2, 3, 4, 5, 7), "channels_last_3d", 0),
     ((2, 3), "contiguous", 0),
     ((2, 3), "contiguous", 1),
@@ -36,7 +41,11 @@ SMALL_CASES = [
     ((0, 3, 2, 2), "contiguous", 0),
 ]
 # More elements than one pass of the grid covers (a few blocks per SM x 256 threads x 8 half elements).
-LARGE_CASES = [((3, 37, 101, 103), "contiguous", 0), ((3, 37, 101, 103), "channels_last", 1)]
+LARGE_CASES = [((3, 37, 101, 103), "contiguous", 0), ((3, 37, 101, 103), "channels_last", 1),
+               ((3, 37, 96, 104), "contiguous", 0)]
+# scale_: (numel, first element's offset into its storage): empty, tails of every vector width, misaligned,
+# and more than one grid pass.
+SCALE_CASES = [(0, 0), (13, 0), (13, 1), (1000, 3), (3 * 37 * 101 * 103, 0), (3 * 37 * 101 * 103, 1)]
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-12, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 
@@ -115,6 +124,20 @@ def check_public(shape, layout, offset, dtype) -> None:
                   f"{what}: grad_{label}")
 
 
+def check_scale(numel, offset, dtype) -> None:
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    generator = torch.Generator(device="cuda").manual_seed(5)
+    storage = torch.randn(numel + offset, generator=generator, device="cuda").to(dtype)
+    gradient, head = storage[offset:], storage[:offset].clone()
+    # 1 + 2^-11 rounds to 1 in half precision: the factor must stay in the accumulation dtype.
+    factor = torch.tensor(1 + 2**-11, dtype=acc, device="cuda")
+    expected = (gradient.to(acc) * factor).to(dtype)
+    torch.ops.ofdkern.scale_(gradient, factor)
+    what = f"scale_ numel={numel} offset={offset} {dtype}"
+    check(torch.equal(gradient, expected), what)
+    check(torch.equal(storage[:offset], head), f"{what}: wrote before the view")
+
+
 def main() -> int:
     status = ofdkern.backend_status()["cuda"]
     if not status["available"]:
@@ -128,6 +151,8 @@ def main() -> int:
         for shape, layout, offset in LARGE_CASES:
             check_fused(shape, layout, offset, dtype, forward_and_all_grads)
         check_public((3, 5, 7, 9), "channels_last", 1, dtype)
+        for numel, offset in SCALE_CASES:
+            check_scale(numel, offset, dtype)
     torch.cuda.synchronize()
     print(f"{len(failures)} failures", flush=True)
     return 1 if failures else 0

@@ -1,5 +1,5 @@
-"""Triton kernel of the fused OFD op: same contract as the C++ op (csrc/ofd_fused.h), same per-element
-math (csrc/ofd_math.h).
+"""Triton kernels of the fused OFD op and of its backward's scaling: same contracts as the C++ ops
+(csrc/ofd_fused.h, scale_ in csrc/ofd_op.cpp), same per-element math (csrc/ofd_math.h).
 
 One pass over student and teacher in memory order writes the loss (one partial sum per program, or the
 per-element losses) and the requested gradients. Runs on CUDA tensors, and on CPU tensors under
@@ -97,6 +97,34 @@ def _ofd_fused_kernel(
             tl.store(grad_margin_ptr + offsets, tl.where(t > m, 0.0, share), mask=in_bounds)
 
 
+def _launch_device(tensor: torch.Tensor):
+    """Triton launches on the current CUDA device: make it the tensor's one."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
+@triton.jit
+def _scale_kernel(gradient_ptr, factor_ptr, numel, BLOCK: tl.constexpr):
+    """gradient *= factor, in the factor's dtype (the accumulation dtype): one rounding per element."""
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    in_bounds = offsets < numel
+    factor = tl.load(factor_ptr)
+    gradient = tl.load(gradient_ptr + offsets, mask=in_bounds, other=0.0).to(factor.dtype)
+    tl.store(gradient_ptr + offsets, (gradient * factor).to(gradient_ptr.dtype.element_ty), mask=in_bounds)
+
+
+def scale_triton_(gradient: torch.Tensor, factor: torch.Tensor) -> None:
+    """The fused op's backward, in place: ``gradient *= factor`` with ``factor`` a 0-dim tensor in the
+    accumulation dtype on the gradient's device, read by the kernel (no host sync)."""
+    assert gradient.stride() == torch.empty_like(gradient, device="meta").stride(), "gradient must be dense"
+    assert factor.dim() == 0 and factor.dtype == accumulation_dtype(gradient.dtype)
+    assert factor.device == gradient.device
+    numel = gradient.numel()
+    if numel == 0:
+        return
+    with _launch_device(gradient):
+        _scale_kernel[(triton.cdiv(numel, _BLOCK),)](gradient, factor, numel, BLOCK=_BLOCK, num_warps=_NUM_WARPS)
+
+
 def _magic_divider(divisor: int) -> tuple[int, int]:
     """(magic, shift) such that n // divisor == (umulhi(n, magic) + n) >> shift for 0 <= n < 2^32 and
     1 <= divisor < 2^32 (Granlund and Montgomery, 1994: magic is floor(2^(32 + shift) / divisor) + 1
@@ -144,9 +172,7 @@ def ofd_fused_triton(student: torch.Tensor, teacher: torch.Tensor, margin: torch
     channel_stride = 1 if channels == 1 else student.stride(1)
     # Per-element dividends must stay under 2^31 for the magic-number division; else 64-bit division.
     wide_index = max(channel_stride, channels) + _BLOCK > 2**31
-    # Triton launches on the current device; make it the tensors' one.
-    device_guard = torch.cuda.device(student.device) if student.is_cuda else contextlib.nullcontext()
-    with device_guard:
+    with _launch_device(student):
         _ofd_fused_kernel[(programs,)](
             student, teacher, margin, *outputs,
             numel, channel_stride, channels, *_magic_divider(channel_stride), *_magic_divider(channels),

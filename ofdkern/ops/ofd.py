@@ -14,13 +14,15 @@ import torch
 from .. import reference
 from .._backends import backend_status, resolve_backend
 from .._validation import check_ofd_args
-from ._common import reduction_count
+from ._common import accumulation_dtype, reduction_count
 
 
 # Whether the extension can allocate CPU outputs on transparent huge pages.
 HUGEPAGE_BUFFERS = "ofdkern::empty_like_hugepage" in backend_status()["cpu"].get("ops", ())
 if HUGEPAGE_BUFFERS:
     torch.library.register_fake("ofdkern::empty_like_hugepage")(lambda like: torch.empty_like(like))
+if "ofdkern::scale_" in backend_status()["cuda"].get("ops", ()):
+    torch.library.register_fake("ofdkern::scale_")(lambda gradient, factor: None)
 
 
 def _fused_kernel(backend: str):
@@ -30,6 +32,22 @@ def _fused_kernel(backend: str):
         return ofd_fused_triton
     # "cpu" and "cuda" are the C++ op; the tensors' device picks its kernel.
     return torch.ops.ofdkern.ofd_fused.default
+
+
+def _scale_in_place(gradient: torch.Tensor, factor: torch.Tensor, backend: str) -> torch.Tensor:
+    """``gradient *= factor`` for a 0-dim device ``factor``, by the backend's own kernel on GPUs (one rounding
+    per element, at copy bandwidth; torch's mul_ rounds the factor to a half-precision gradient's dtype and
+    runs at a third of that), by torch's mul_ on the CPU (already exact and vectorized there)."""
+    if backend == "triton" or backend == "cuda":
+        factor = factor.to(accumulation_dtype(gradient.dtype))
+        if backend == "triton":
+            from ..kernels.ofd_triton import scale_triton_
+
+            scale_triton_(gradient, factor)
+        else:
+            torch.ops.ofdkern.scale_(gradient, factor)
+        return gradient
+    return gradient.mul_(factor)
 
 
 def compute_dtype(student: torch.Tensor, teacher: torch.Tensor, margin: torch.Tensor) -> torch.dtype:
@@ -101,8 +119,9 @@ def _(student, teacher, margin, reduction, backend, grad_student, grad_teacher, 
 
 
 def _setup_context(ctx, inputs, output):
-    student, teacher, margin, reduction, _backend, *_wanted = inputs
+    student, teacher, margin, reduction, backend, *_wanted = inputs
     ctx.save_for_backward(*output[1:])
+    ctx.backend = backend
     ctx.reduction = reduction
     ctx.count = reduction_count(student.shape, reduction)
     ctx.dtypes = (student.dtype, teacher.dtype, margin.dtype)
@@ -120,12 +139,15 @@ def _graph_dies_with_this_backward() -> bool:
     return keep_graph is not None and not tracing and not keep_graph()
 
 
-def _scaled(buffer: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, in_place: bool) -> torch.Tensor:
+def _scaled(buffer: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, in_place: bool,
+            backend: str) -> torch.Tensor:
     """``buffer * scale`` in ``dtype``: in place on the saved buffer when allowed (no second feature-sized
     buffer to fault in and fill), else out of place; on CPU into a huge-page buffer when the extension has one
     (csrc/cpu_buffers.h: faulting in a fresh feature-sized tensor costs more than the multiply)."""
     same_dtype = torch.result_type(buffer, scale) == buffer.dtype == dtype
     if in_place and same_dtype:
+        if scale.dim() == 0:
+            return _scale_in_place(buffer, scale, backend)
         return buffer.mul_(scale)
     if buffer.device.type == "cpu" and HUGEPAGE_BUFFERS and not torch.compiler.is_compiling() and same_dtype:
         return torch.mul(buffer, scale, out=torch.ops.ofdkern.empty_like_hugepage(buffer))
@@ -146,9 +168,9 @@ def _backward(ctx, grad_loss, *_unused):
     student_dtype, teacher_dtype, margin_dtype = ctx.dtypes
     in_place = _graph_dies_with_this_backward()
     if ctx.needs_input_grad[0]:
-        grads[0] = _scaled(d_student, scale, student_dtype, in_place)
+        grads[0] = _scaled(d_student, scale, student_dtype, in_place, ctx.backend)
     if ctx.needs_input_grad[1]:
-        grads[1] = _scaled(d_teacher, scale, teacher_dtype, in_place)
+        grads[1] = _scaled(d_teacher, scale, teacher_dtype, in_place, ctx.backend)
     if ctx.needs_input_grad[2]:
         channel_sum_dims = [d for d in range(d_margin.dim()) if d != 1]
         per_channel = (d_margin * scale).sum(dim=channel_sum_dims)

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The GPU checks, on a machine whose python already has a CUDA build of torch, Triton and nvcc (no package
+# registry needed): builds ofdkern in place for the visible GPU when its extension is missing or stale, then
+# runs the stages asked for, each logged to LOG_DIR/<stage>.log.
+#
+#   tools/gpu_check.sh tests sanitize bench     # all three (the default)
+#   LOG_DIR=/tmp/logs tools/gpu_check.sh tests
+#
+# Stages: tests (the whole suite, GPU-marked tests included), sanitize (tools/sanitize_cuda.sh),
+# bench (benchmarks/run.py --device cuda, results into LOG_DIR/bench/). Environment: PYTHON (default python3),
+# LOG_DIR (default ./gpu-logs), TORCH_CUDA_ARCH_LIST (default: the visible GPU's).
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+python_bin=${PYTHON:-python3}
+log_dir=${LOG_DIR:-gpu-logs}
+mkdir -p "$log_dir"
+stages=("$@")
+[[ ${#stages[@]} -gt 0 ]] || stages=(tests sanitize bench)
+
+# Rebuild when a source is newer than the built extension (or there is none).
+built=$(ls ofdkern/_C*.so 2>/dev/null | head -1 || true)
+if [[ -z "$built" ]] || [[ -n "$(find csrc setup.py -newer "$built" -print -quit)" ]]; then
+  arch=${TORCH_CUDA_ARCH_LIST:-$("$python_bin" -c \
+    'import torch; print("%d.%d" % torch.cuda.get_device_capability())')}
+  echo "== building ofdkern for sm_${arch/./}"
+  start=$SECONDS
+  TORCH_CUDA_ARCH_LIST=$arch MAX_JOBS=$(nproc) \
+    "$python_bin" -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | tail -20 | tee "$log_dir/build.log"
+  echo "== built in $((SECONDS - start)) s"
+fi
+"$python_bin" -m ofdkern
+
+status=0
+for stage in "${stages[@]}"; do
+  echo "== $stage"
+  start=$SECONDS
+  case "$stage" in
+    tests)
+      OFDKERN_EXPECT_CUDA=1 "$python_bin" -m pytest python_tests -q -ra -p no:cacheprovider \
+        >"$log_dir/tests.log" 2>&1 || status=1
+      tail -25 "$log_dir/tests.log" ;;
+    sanitize)
+      PYTHON=$python_bin bash tools/sanitize_cuda.sh >"$log_dir/sanitize.log" 2>&1 || status=1
+      grep -E "^== |failures|FAIL|ERROR SUMMARY" "$log_dir/sanitize.log" | head -40 ;;
+    bench)
+      "$python_bin" benchmarks/run.py --device cuda --out-dir "$log_dir/bench" >"$log_dir/bench.log" 2>&1 || status=1
+      tail -15 "$log_dir/bench.log" ;;
+    *)
+      echo "unknown stage $stage (tests, sanitize, bench)" >&2
+      exit 2 ;;
+  esac
+  echo "== $stage: $((SECONDS - start)) s"
+done
+exit "$status"
