@@ -20,6 +20,11 @@ def reduction_count(shape: torch.Size, reduction: str) -> int:
     return 1
 
 
+def divide_by_count(total: torch.Tensor, count: int) -> torch.Tensor:
+    """``total / count``, without a kernel launch for the count of 1 ("sum"): the same bits."""
+    return total if count == 1 else total / count
+
+
 def as_positions(feature: torch.Tensor) -> torch.Tensor:
     """``feature`` as a dense (N, C, positions) tensor: a view for NCHW and channels_last layouts (their
     spatial dims merge), a contiguous copy otherwise."""

@@ -24,7 +24,7 @@ import torch
 from .. import reference
 from .._backends import BACKENDS, BackendUnavailableError, triton_status
 from .._validation import check_channel_align_args
-from ._common import accumulation_dtype, as_positions, reduction_count
+from ._common import accumulation_dtype, as_positions, divide_by_count, reduction_count
 
 # Pixels per chunk of the ATen path: the hidden activation of a chunk is CHUNK_PIXELS x hidden.
 CHUNK_PIXELS = 16384
@@ -156,7 +156,7 @@ def channel_align_fused(student: torch.Tensor, teacher: torch.Tensor, w1: torch.
     margin_acc = None if margin is None else margin.reshape(-1).to(acc).contiguous()
     kernel = _kernel(backend, (student.shape[1], w1.shape[0], teacher.shape[1]), acc)
     total, weight_grads = kernel(student3, teacher3, *params, margin_acc, d_student3, d_teacher3, grad_weights)
-    loss = (total / reduction_count(teacher.shape, reduction)).to(loss_dtype)
+    loss = divide_by_count(total, reduction_count(teacher.shape, reduction)).to(loss_dtype)
     features = [d.view(f.shape) if d is not None else _empty(f, f.dtype)
                 for d, f in ((d_student3, student), (d_teacher3, teacher))]
     weights = weight_grads if grad_weights else [_empty(student, acc) for _ in range(4)]
@@ -189,7 +189,7 @@ def _backward(ctx, grad_loss, *_unused):
     grads = [None] * 12
     if grad_loss is None:
         return tuple(grads)
-    scale = grad_loss / ctx.count  # 0-dim: stays on device
+    scale = divide_by_count(grad_loss, ctx.count)  # 0-dim: stays on device
     for index, (buffer, dtype) in enumerate(zip(ctx.saved_tensors, ctx.dtypes)):
         if ctx.needs_input_grad[index]:
             # Out of place: the saved buffer must survive a second backward through a retained graph.

@@ -15,7 +15,7 @@ import torch
 from .. import reference
 from .._backends import resolve_backend
 from .._validation import check_attention_transfer_args, check_kd_args
-from ._common import accumulation_dtype, as_positions, reduction_count
+from ._common import accumulation_dtype, as_positions, divide_by_count, reduction_count
 
 # F.normalize's eps: the attention map norm is clamped below at this value.
 NORMALIZE_EPS = 1e-12
@@ -61,7 +61,7 @@ def attention_transfer_fused(f_student: torch.Tensor, f_teacher: torch.Tensor, p
     map_student = attention_map(as_positions(f_student), p)
     map_teacher = attention_map(as_positions(f_teacher), p)
     total, grad_student, grad_teacher = _attention_transfer_on_maps(map_student, map_teacher)
-    loss = total / reduction_count(map_student.shape, reduction)
+    loss = divide_by_count(total, reduction_count(map_student.shape, reduction))
     return loss.to(torch.promote_types(f_student.dtype, f_teacher.dtype)), grad_student, grad_teacher
 
 
@@ -105,7 +105,7 @@ def _attention_backward(ctx, grad_loss, *_unused):
     if grad_loss is None:
         return tuple(grads)
     f_student, f_teacher, grad_map_student, grad_map_teacher = ctx.saved_tensors
-    scale = grad_loss / ctx.count  # 0-dim: stays on device
+    scale = divide_by_count(grad_loss, ctx.count)  # 0-dim: stays on device
     for index, (feature, grad_map) in enumerate(((f_student, grad_map_student), (f_teacher, grad_map_teacher))):
         if ctx.needs_input_grad[index]:
             grads[index] = attention_map_grad(feature, (grad_map * scale).to(grad_map.dtype), ctx.p, ctx.backend)
@@ -118,7 +118,7 @@ attention_transfer_fused.register_autograd(_attention_backward, setup_context=_a
 def _kd_reduce(row_loss: torch.Tensor, classes: int, reduction: str) -> torch.Tensor:
     if reduction == "none":
         return row_loss
-    return row_loss.sum() / _kd_count(row_loss.shape[0], classes, reduction)
+    return divide_by_count(row_loss.sum(), _kd_count(row_loss.shape[0], classes, reduction))
 
 
 def _kd_count(rows: int, classes: int, reduction: str) -> int:
@@ -163,7 +163,7 @@ def _kd_backward(ctx, grad_loss, *_unused):
         return tuple(grads)
     d_student, d_teacher = ctx.saved_tensors
     # "none": one upstream gradient per row; otherwise a 0-dim scale (no host sync).
-    scale = grad_loss.unsqueeze(1) if ctx.reduction == "none" else grad_loss / ctx.count
+    scale = grad_loss.unsqueeze(1) if ctx.reduction == "none" else divide_by_count(grad_loss, ctx.count)
     for index, grad in enumerate((d_student, d_teacher)):
         if ctx.needs_input_grad[index]:
             grads[index] = (grad * scale).to(ctx.dtypes[index])

@@ -14,7 +14,7 @@ import torch
 from .. import reference
 from .._backends import backend_status, resolve_backend
 from .._validation import check_ofd_args
-from ._common import accumulation_dtype, reduction_count
+from ._common import accumulation_dtype, divide_by_count, reduction_count
 
 
 # Whether the extension can allocate CPU outputs on transparent huge pages.
@@ -99,7 +99,7 @@ def ofd_loss_fused(student: torch.Tensor, teacher: torch.Tensor, margin: torch.T
         student_p, teacher_p, margin_p, elementwise, grad_student, grad_teacher, grad_margin)
     if not elementwise:
         # Fixed-order sum of the kernel's partials, then the reduction's count (0/0 = nan like the reference).
-        loss = loss.sum() / reduction_count(student.shape, reduction)
+        loss = divide_by_count(loss.sum(), reduction_count(student.shape, reduction))
     return loss.to(out_dtype), d_student, d_teacher, d_margin
 
 
@@ -164,7 +164,7 @@ def _backward(ctx, grad_loss, *_unused):
     if grad_loss is None:
         return tuple(grads)
     # Reductions: a 0-dim scale (stays on device). "none": the per-element upstream gradient.
-    scale = grad_loss if ctx.reduction == "none" else grad_loss / ctx.count
+    scale = grad_loss if ctx.reduction == "none" else divide_by_count(grad_loss, ctx.count)
     student_dtype, teacher_dtype, margin_dtype = ctx.dtypes
     in_place = _graph_dies_with_this_backward()
     if ctx.needs_input_grad[0]:
