@@ -20,6 +20,7 @@ import torch
 
 import ofdkern
 from ofdkern import reference
+from ofdkern.ops._common import accumulation_dtype
 
 MEMORY_FORMATS = {
     "contiguous": torch.contiguous_format,
@@ -68,7 +69,7 @@ def features(shape, layout, offset, dtype, generator):
 
 def inputs(shape, layout, offset, dtype, seed):
     generator = torch.Generator(device="cuda").manual_seed(seed)
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(dtype)
     student = features(shape, layout, offset, dtype, generator)
     teacher = features(shape, layout, offset, dtype, generator)
     # Margins representable in the feature dtype, so that some teacher values tie with them exactly.
@@ -125,7 +126,7 @@ def check_public(shape, layout, offset, dtype) -> None:
 
 
 def check_scale(numel, offset, dtype) -> None:
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(dtype)
     generator = torch.Generator(device="cuda").manual_seed(5)
     storage = torch.randn(numel + offset, generator=generator, device="cuda").to(dtype)
     gradient, head = storage[offset:], storage[:offset].clone()

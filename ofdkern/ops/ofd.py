@@ -38,16 +38,16 @@ def _scale_in_place(gradient: torch.Tensor, factor: torch.Tensor, backend: str) 
     """``gradient *= factor`` for a 0-dim device ``factor``, by the backend's own kernel on GPUs (one rounding
     per element, at copy bandwidth; torch's mul_ rounds the factor to a half-precision gradient's dtype and
     runs at a third of that), by torch's mul_ on the CPU (already exact and vectorized there)."""
-    if backend == "triton" or backend == "cuda":
-        factor = factor.to(accumulation_dtype(gradient.dtype))
-        if backend == "triton":
-            from ..kernels.ofd_triton import scale_triton_
+    if backend == "cpu":
+        return gradient.mul_(factor)
+    factor = factor.to(accumulation_dtype(gradient.dtype))
+    if backend == "triton":
+        from ..kernels.ofd_triton import scale_triton_
 
-            scale_triton_(gradient, factor)
-        else:
-            torch.ops.ofdkern.scale_(gradient, factor)
-        return gradient
-    return gradient.mul_(factor)
+        scale_triton_(gradient, factor)
+    else:
+        torch.ops.ofdkern.scale_(gradient, factor)
+    return gradient
 
 
 def compute_dtype(student: torch.Tensor, teacher: torch.Tensor, margin: torch.Tensor) -> torch.dtype:
