@@ -18,13 +18,13 @@
 #include <cmath>
 #include <tuple>
 
-#include "ofd_fused.h"
+#include "accumulation.h"
 
 namespace ofdkern {
 
 inline void check_attention_feature(const at::Tensor& feature, const char* op) {
-  TORCH_CHECK(feature.dim() == 3, op, ": feature must be (N, C, S), got shape ", feature.sizes());
-  TORCH_CHECK(at::isFloatingType(feature.scalar_type()), op, ": feature must be floating point, got ",
+  TORCH_CHECK_VALUE(feature.dim() == 3, op, ": feature must be (N, C, S), got shape ", feature.sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(feature.scalar_type()), op, ": feature must be floating point, got ",
               feature.scalar_type());
 }
 
@@ -36,16 +36,16 @@ inline at::Tensor allocate_attention_map(const at::Tensor& feature) {
 
 inline at::Tensor allocate_attention_feature_grad(const at::Tensor& feature, const at::Tensor& grad_map) {
   check_attention_feature(feature, "attention_map_backward");
-  TORCH_CHECK(feature.is_non_overlapping_and_dense(),
+  TORCH_CHECK_VALUE(feature.is_non_overlapping_and_dense(),
               "attention_map_backward: feature must be non-overlapping and dense");
   const auto acc = accumulation_dtype(feature.scalar_type());
-  TORCH_CHECK(grad_map.dim() == 2 && grad_map.size(0) == feature.size(0) &&
+  TORCH_CHECK_VALUE(grad_map.dim() == 2 && grad_map.size(0) == feature.size(0) &&
                   grad_map.size(1) == feature.size(2) && grad_map.is_contiguous() &&
                   grad_map.scalar_type() == acc,
               "attention_map_backward: grad_map must be a contiguous (", feature.size(0), ", ",
               feature.size(2), ") tensor of dtype ", acc, ", got shape ", grad_map.sizes(), " dtype ",
               grad_map.scalar_type());
-  TORCH_CHECK(feature.device() == grad_map.device(),
+  TORCH_CHECK_VALUE(feature.device() == grad_map.device(),
               "attention_map_backward: feature and grad_map must be on one device");
   return at::empty_strided(feature.sizes(), feature.strides(), feature.options());
 }
@@ -54,16 +54,16 @@ using KDOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
 inline KDOutputs allocate_kd_outputs(const at::Tensor& student, const at::Tensor& teacher,
                                      double temperature, bool grad_student, bool grad_teacher) {
-  TORCH_CHECK(student.dim() == 2, "kd_fused: student must be (N, K) logits, got shape ", student.sizes());
-  TORCH_CHECK(student.sizes() == teacher.sizes(), "kd_fused: student ", student.sizes(), " and teacher ",
+  TORCH_CHECK_VALUE(student.dim() == 2, "kd_fused: student must be (N, K) logits, got shape ", student.sizes());
+  TORCH_CHECK_VALUE(student.sizes() == teacher.sizes(), "kd_fused: student ", student.sizes(), " and teacher ",
               teacher.sizes(), " differ in shape");
-  TORCH_CHECK(student.scalar_type() == teacher.scalar_type(), "kd_fused: student dtype ",
+  TORCH_CHECK_TYPE(student.scalar_type() == teacher.scalar_type(), "kd_fused: student dtype ",
               student.scalar_type(), " differs from teacher dtype ", teacher.scalar_type());
-  TORCH_CHECK(at::isFloatingType(student.scalar_type()), "kd_fused: logits must be floating point, got ",
+  TORCH_CHECK_TYPE(at::isFloatingType(student.scalar_type()), "kd_fused: logits must be floating point, got ",
               student.scalar_type());
-  TORCH_CHECK(student.is_contiguous() && teacher.is_contiguous(), "kd_fused: logits must be contiguous");
-  TORCH_CHECK(student.device() == teacher.device(), "kd_fused: student and teacher must be on one device");
-  TORCH_CHECK(temperature > 0 && std::isfinite(temperature),
+  TORCH_CHECK_VALUE(student.is_contiguous() && teacher.is_contiguous(), "kd_fused: logits must be contiguous");
+  TORCH_CHECK_VALUE(student.device() == teacher.device(), "kd_fused: student and teacher must be on one device");
+  TORCH_CHECK_VALUE(temperature > 0 && std::isfinite(temperature),
               "kd_fused: temperature must be positive and finite, got ", temperature);
   const auto acc_options = student.options().dtype(accumulation_dtype(student.scalar_type()));
   auto maybe = [](bool wanted, const at::Tensor& like) {

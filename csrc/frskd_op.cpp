@@ -1,5 +1,5 @@
 // Schemas of the fused FRSKD ops (contracts in frskd_fused.h), added to the ofdkern library defined in
-// ofd_op.cpp. Kernels register per dispatch key (frskd_cpu.cpp); autograd and fake kernels live in Python.
+// library.cpp. Kernels register per dispatch key (frskd_cpu.cpp); autograd and fake kernels live in Python.
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(ofdkern, m) {

@@ -22,17 +22,11 @@
 #include <tuple>
 #include <type_traits>
 
+#include "accumulation.h"
+
 namespace ofdkern {
 
 using FusedOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-
-// The C++ type kernels compute and accumulate in for features of type scalar_t.
-template <typename scalar_t>
-using accumulation_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-
-inline at::ScalarType accumulation_dtype(at::ScalarType feature_dtype) {
-  return feature_dtype == at::kDouble ? at::kDouble : at::kFloat;
-}
 
 // Validates the fused op's inputs (the Python layer already gave the user a clear error; these
 // guard direct calls of the op) and allocates the outputs. partial_count is the length of the
@@ -49,23 +43,23 @@ inline FusedOutputs allocate_fused_outputs(const at::Tensor& student, const at::
                                            bool grad_student, bool grad_teacher, bool grad_margin,
                                            int64_t partial_count,
                                            EmptyLike empty_like = default_empty_like) {
-  TORCH_CHECK(student.dim() >= 2, "ofd_fused: student must have a channel dim 1, got shape ",
+  TORCH_CHECK_VALUE(student.dim() >= 2, "ofd_fused: student must have a channel dim 1, got shape ",
               student.sizes());
-  TORCH_CHECK(student.sizes() == teacher.sizes(), "ofd_fused: student ", student.sizes(),
+  TORCH_CHECK_VALUE(student.sizes() == teacher.sizes(), "ofd_fused: student ", student.sizes(),
               " and teacher ", teacher.sizes(), " differ in shape");
-  TORCH_CHECK(student.scalar_type() == teacher.scalar_type(), "ofd_fused: student dtype ",
+  TORCH_CHECK_TYPE(student.scalar_type() == teacher.scalar_type(), "ofd_fused: student dtype ",
               student.scalar_type(), " differs from teacher dtype ", teacher.scalar_type());
-  TORCH_CHECK(student.strides() == teacher.strides(),
+  TORCH_CHECK_VALUE(student.strides() == teacher.strides(),
               "ofd_fused: student and teacher must share strides, got ", student.strides(), " and ",
               teacher.strides());
-  TORCH_CHECK(student.is_non_overlapping_and_dense(),
+  TORCH_CHECK_VALUE(student.is_non_overlapping_and_dense(),
               "ofd_fused: student must be non-overlapping and dense");
   const auto acc = accumulation_dtype(student.scalar_type());
-  TORCH_CHECK(margin.dim() == 1 && margin.size(0) == student.size(1) && margin.is_contiguous() &&
+  TORCH_CHECK_VALUE(margin.dim() == 1 && margin.size(0) == student.size(1) && margin.is_contiguous() &&
                   margin.scalar_type() == acc,
               "ofd_fused: margin must be a contiguous (", student.size(1), ",) tensor of dtype ",
               acc, ", got shape ", margin.sizes(), " dtype ", margin.scalar_type());
-  TORCH_CHECK(student.device() == teacher.device() && student.device() == margin.device(),
+  TORCH_CHECK_VALUE(student.device() == teacher.device() && student.device() == margin.device(),
               "ofd_fused: student, teacher and margin must be on one device");
 
   const auto acc_options = student.options().dtype(acc);

@@ -7,23 +7,19 @@
 // sends half of the gradient to each side at an exact tie t == m).
 #pragma once
 
-#if defined(__CUDACC__) || defined(__HIPCC__)
-#define OFD_HOST_DEVICE __host__ __device__ __forceinline__
-#else
-#define OFD_HOST_DEVICE inline
-#endif
+#include "accumulation.h"
 
 namespace ofdkern {
 
 template <typename acc_t>
-OFD_HOST_DEVICE acc_t margin_relu(acc_t t, acc_t m) {
+OFDKERN_HOST_DEVICE acc_t margin_relu(acc_t t, acc_t m) {
   // t != t is true only for NaN: keep it, like torch.maximum does. Bitwise | (not ||) keeps the
   // math branch-free so the CPU loops vectorize and random data costs no mispredictions.
   return ((t > m) | (t != t)) ? t : m;
 }
 
 template <typename acc_t>
-OFD_HOST_DEVICE acc_t partial_l2_mask(acc_t s, acc_t t_prime) {
+OFDKERN_HOST_DEVICE acc_t partial_l2_mask(acc_t s, acc_t t_prime) {
   return static_cast<acc_t>((s > t_prime) | (t_prime > acc_t(0)));
 }
 
@@ -34,7 +30,7 @@ struct OFDPoint {
 };
 
 template <typename acc_t>
-OFD_HOST_DEVICE OFDPoint<acc_t> ofd_point(acc_t s, acc_t t, acc_t m) {
+OFDKERN_HOST_DEVICE OFDPoint<acc_t> ofd_point(acc_t s, acc_t t, acc_t m) {
   const acc_t t_prime = margin_relu(t, m);
   const acc_t mask = partial_l2_mask(s, t_prime);
   const acc_t diff = s - t_prime;
@@ -44,14 +40,14 @@ OFD_HOST_DEVICE OFDPoint<acc_t> ofd_point(acc_t s, acc_t t, acc_t m) {
 // Share of d loss / d t' that reaches the teacher (masked_fill semantics: exactly 0 below the margin,
 // even when d_student is NaN or inf).
 template <typename acc_t>
-OFD_HOST_DEVICE acc_t teacher_grad(acc_t d_student, acc_t t, acc_t m) {
+OFDKERN_HOST_DEVICE acc_t teacher_grad(acc_t d_student, acc_t t, acc_t m) {
   const acc_t share = (t == m) ? -d_student * acc_t(0.5) : -d_student;
   return (t < m) ? acc_t(0) : share;
 }
 
 // Share of d loss / d t' that reaches the margin (exactly 0 above the margin).
 template <typename acc_t>
-OFD_HOST_DEVICE acc_t margin_grad(acc_t d_student, acc_t t, acc_t m) {
+OFDKERN_HOST_DEVICE acc_t margin_grad(acc_t d_student, acc_t t, acc_t m) {
   const acc_t share = (t == m) ? -d_student * acc_t(0.5) : -d_student;
   return (t > m) ? acc_t(0) : share;
 }

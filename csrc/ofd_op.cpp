@@ -1,32 +1,8 @@
-// Schema of the fused ops and the Python module `ofdkern._C` that loads them. Kernels register
-// themselves per dispatch key (ofd_cpu.cpp, ofd_cuda.cu); autograd and the fake kernel live in Python.
-#include <Python.h>
+// Schema of the fused OFD op (contract in ofd_fused.h); kernels in ofd_cpu.cpp and ofd_cuda.cu.
 #include <torch/library.h>
 
-extern "C" {
-// Importing ofdkern._C runs the static op registrations below; the module itself is empty.
-PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
-}
-}
-
-// Whether at::parallel_for runs the CPU kernels on torch's threads: its `#pragma omp parallel` is inline,
-// so it is serial unless this extension itself was compiled with OpenMP.
-bool cpu_kernels_parallel() {
-#if defined(_OPENMP)
-  return true;
-#else
-  return false;
-#endif
-}
-
-TORCH_LIBRARY(ofdkern, m) {
-  m.def("cpu_kernels_parallel() -> bool", &cpu_kernels_parallel);
+TORCH_LIBRARY_FRAGMENT(ofdkern, m) {
   m.def(
       "ofd_fused(Tensor student, Tensor teacher, Tensor margin, bool elementwise, "
       "bool grad_student, bool grad_teacher, bool grad_margin) -> (Tensor, Tensor, Tensor, Tensor)");
-  // The fused op's backward: gradient *= factor (a 0-dim tensor in the accumulation dtype, read on the
-  // device). CUDA only: on the CPU torch's mul_ by a 0-dim tensor is already one exact, vectorized pass.
-  m.def("scale_(Tensor(a!) gradient, Tensor factor) -> ()");
 }

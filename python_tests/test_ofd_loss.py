@@ -539,9 +539,9 @@ def test_cuda_scale_op():
     expected = (gradient.float() * 0.3).bfloat16()
     torch.ops.ofdkern.scale_(gradient, factor)
     assert torch.equal(gradient, expected)
-    with pytest.raises(RuntimeError, match="factor must be a 0-dim Float tensor"):
+    with pytest.raises(ValueError, match="factor must be a 0-dim Float tensor"):
         torch.ops.ofdkern.scale_(gradient, factor.double())
-    with pytest.raises(RuntimeError, match="factor must be a 0-dim Float tensor"):
+    with pytest.raises(ValueError, match="factor must be a 0-dim Float tensor"):
         torch.ops.ofdkern.scale_(gradient, factor.cpu())
 
 
