@@ -1,5 +1,5 @@
 """ofdkern: fused kernels for feature knowledge distillation losses."""
-from ._backends import BACKENDS, BackendUnavailableError, backend_status
+from ._backends import BACKENDS, BackendUnavailableError, backend_status, registered_ops
 from .cpu_buffers import cpu_buffer_cache_bytes, empty_cpu_buffer_cache, set_cpu_buffer_cache_limit
 from .distill import OFDDistiller, Tap, find_taps
 from .frskd import FRSKDLoss, SelfTeacher
@@ -29,5 +29,6 @@ __all__ = [
     "kd_loss",
     "margin_from_bn",
     "ofd_loss",
+    "registered_ops",
     "set_cpu_buffer_cache_limit",
 ]

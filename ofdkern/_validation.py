@@ -6,7 +6,10 @@ import math
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# The reductions of each op: the losses with per-element (or per-row) values offer "none".
 REDUCTIONS = ("sum", "mean", "batchmean", "none")
+AT_REDUCTIONS = ("mean", "sum", "batchmean")
+ALIGN_REDUCTIONS = ("sum", "mean", "batchmean")
 
 
 def check_tensor(name: str, value, *, min_dim: int = 0, max_dim: int = 64) -> None:
@@ -25,9 +28,9 @@ def check_same_device(**tensors: torch.Tensor) -> None:
         raise ValueError(f"tensors must be on one device, got {listed}")
 
 
-def check_reduction(reduction) -> None:
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+def check_reduction(reduction, allowed: tuple[str, ...] = REDUCTIONS) -> None:
+    if reduction not in allowed:
+        raise ValueError(f"reduction must be one of {allowed}, got {reduction!r}")
 
 
 def check_ofd_args(student, teacher, margin, reduction) -> None:
@@ -55,9 +58,6 @@ def check_positive_number(name: str, value) -> None:
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
 
 
-AT_REDUCTIONS = ("mean", "sum", "batchmean")
-
-
 def check_attention_transfer_args(f_student, f_teacher, p, reduction) -> None:
     """Features of 2 to 5 dims, channels on dim 1 (they may differ: the maps average them out), equal batch
     and spatial sizes."""
@@ -69,8 +69,7 @@ def check_attention_transfer_args(f_student, f_teacher, p, reduction) -> None:
             f"f_student {tuple(f_student.shape)} and f_teacher {tuple(f_teacher.shape)}")
     check_positive_number("p", p)
     check_same_device(f_student=f_student, f_teacher=f_teacher)
-    if reduction not in AT_REDUCTIONS:
-        raise ValueError(f"reduction must be one of {AT_REDUCTIONS}, got {reduction!r}")
+    check_reduction(reduction, AT_REDUCTIONS)
 
 
 def check_kd_args(student_logits, teacher_logits, temperature, reduction) -> None:
@@ -84,9 +83,6 @@ def check_kd_args(student_logits, teacher_logits, temperature, reduction) -> Non
     check_positive_number("temperature", temperature)
     check_same_device(student_logits=student_logits, teacher_logits=teacher_logits)
     check_reduction(reduction)
-
-
-ALIGN_REDUCTIONS = ("sum", "mean", "batchmean")
 
 
 def check_pointwise_weight(name: str, weight, out_channels: int | None, in_channels: int) -> int:
@@ -126,5 +122,4 @@ def check_channel_align_args(student, teacher, w1, b1, w2, b2, margin, reduction
                              f"got {tuple(margin.shape)}")
         tensors["margin"] = margin
     check_same_device(**tensors)
-    if reduction not in ALIGN_REDUCTIONS:
-        raise ValueError(f"reduction must be one of {ALIGN_REDUCTIONS}, got {reduction!r}")
+    check_reduction(reduction, ALIGN_REDUCTIONS)

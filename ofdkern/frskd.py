@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._backends import BACKENDS
+from ._backends import check_backend_name
 from ._validation import check_positive_number
 from .ops import attention_transfer_loss, kd_loss
 
@@ -148,8 +148,7 @@ class FRSKDLoss(nn.Module):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a non-negative finite number, got {value!r}")
         check_positive_number("temperature", temperature)
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        check_backend_name(backend)
         self.alpha = float(alpha)
         self.beta = float(beta)
         self.temperature = float(temperature)

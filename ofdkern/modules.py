@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ._backends import BACKENDS
+from ._backends import check_backend_name
 from ._validation import ALIGN_REDUCTIONS, check_reduction, check_tensor
 from .margins import margin_from_bn
 from . import reference
@@ -45,8 +45,7 @@ class OFDLoss(nn.Module):
     def __init__(self, margin: torch.Tensor, reduction: str = "sum", backend: str = "auto"):
         super().__init__()
         check_reduction(reduction)
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        check_backend_name(backend)
         self.register_buffer("margin", _margin_as_vector(margin))
         self.reduction = reduction
         self.backend = backend
@@ -140,10 +139,8 @@ class ChannelAlign(nn.Module):
         for name, value in (("s_channels", s_channels), ("t_channels", t_channels), ("hidden", hidden)):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if reduction not in ALIGN_REDUCTIONS:
-            raise ValueError(f"reduction must be one of {ALIGN_REDUCTIONS}, got {reduction!r}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        check_reduction(reduction, ALIGN_REDUCTIONS)
+        check_backend_name(backend)
         factory = {"device": device, "dtype": dtype}
         self.conv1 = nn.Conv2d(s_channels, hidden, kernel_size=1, **factory)
         self.conv2 = nn.Conv2d(hidden, t_channels, kernel_size=1, **factory)

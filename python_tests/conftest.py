@@ -13,26 +13,24 @@ import ofdkern  # noqa: E402
 STATUS = ofdkern.backend_status()
 
 
-def backends_for(device: str, *cpp_ops: str) -> list[str]:
-    """Fused backends that run on ``device`` here (the reference is the oracle, not a subject). The extension
-    backends count only where they have a kernel for each of ``cpp_ops`` (FRSKD has no CUDA kernels)."""
-    def runs(name):
-        entry = STATUS[name]
-        return device in entry["devices"] and (name == "triton" or all(op in entry.get("ops", ()) for op in cpp_ops))
-    return [name for name in ("cpu", "triton", "cuda") if runs(name)]
+def backends_for(device: str, *ops: str) -> list[str]:
+    """Fused backends that run every one of the public ``ops`` on ``device`` here (the reference is the oracle,
+    not a subject)."""
+    per_op = [ofdkern.backend_status(op) for op in ops]
+    return [name for name in ("cpu", "triton", "cuda") if all(device in status[name]["devices"] for status in per_op)]
 
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-def backend_cases(*cpp_ops: str) -> list:
-    """(device, backend) parameters for the ops whose extension kernels are ``cpp_ops``; GPU ones are marked."""
+def backend_cases(*ops: str) -> list:
+    """(device, backend) parameters of the fused backends that run the public ``ops``; GPU ones are marked."""
     return [pytest.param(device, backend, id=f"{backend}-{device}",
                          marks=[pytest.mark.gpu] if device == "cuda" else [])
-            for device in DEVICES for backend in backends_for(device, *cpp_ops)]
+            for device in DEVICES for backend in backends_for(device, *ops)]
 
 
-BACKEND_CASES = backend_cases("ofdkern::ofd_fused")
+BACKEND_CASES = backend_cases("ofd_loss")
 
 
 def assert_same_bits_with_one_thread(run):

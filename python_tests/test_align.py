@@ -124,10 +124,9 @@ def test_chunked_path_walks_many_chunks(monkeypatch, chunk):
 
 
 @needs_triton
-def test_triton_falls_back_to_chunks_past_its_channel_bound(monkeypatch):
+def test_triton_refuses_past_its_channel_bound(monkeypatch):
     monkeypatch.setitem(align.TRITON_MAX_CHANNELS, torch.float64, 4)
-    monkeypatch.setattr(align, "_warned_triton_fallback", False)
-    with pytest.warns(RuntimeWarning, match="exceed the Triton kernel's bound"):
+    with pytest.raises(ofdkern.BackendUnavailableError, match=r"channels .* exceed its bound of 4"):
         check(make_inputs(), make_margin(), "sum", "triton")
 
 
@@ -178,7 +177,7 @@ def test_opcheck():
     student, teacher, w1, b1, w2, b2 = make_inputs(dtype=torch.float32)
     for margin in (None, make_margin(torch.float32)):
         torch.library.opcheck(torch.ops.ofdkern.channel_align_fused.default,
-                              (student, teacher, w1, b1, w2, b2, margin, "mean", "cpu", True, True, True))
+                              (student, teacher, w1, b1, w2, b2, margin, "mean", "cpu", True, True, True, False))
 
 
 def test_double_backward_is_refused():
@@ -276,7 +275,7 @@ def test_bad_input_names_the_argument():
                                                               margin=torch.zeros(5))),
         (ValueError, "reduction must be one of", lambda: loss(student, teacher, w1, b1, w2, b2, reduction="none")),
         (ValueError, "backend must be one of", lambda: loss(student, teacher, w1, b1, w2, b2, backend="gpu")),
-        (ofdkern.BackendUnavailableError, "'cuda' cannot run on cpu",
+        (ofdkern.BackendUnavailableError, "'cuda' cannot run this call on cpu",
          lambda: loss(student, teacher, w1, b1, w2, b2, backend="cuda")),
         (TypeError, "student must be float16", lambda: loss(student.long(), teacher, w1, b1, w2, b2)),
         (TypeError, "w2 must be a torch.Tensor", lambda: loss(student, teacher, w1, b1, None, b2)),

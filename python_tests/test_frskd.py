@@ -14,7 +14,7 @@ from ofdkern import reference
 from conftest import assert_same_bits_with_one_thread, backend_cases
 
 # Both FRSKD losses have kernels on the same backends (C++ on CPU, Triton on CPU and CUDA; no CUDA C++).
-BACKEND_CASES = backend_cases("ofdkern::attention_map", "ofdkern::kd_fused")
+BACKEND_CASES = backend_cases("attention_transfer_loss", "kd_loss")
 ALL_CASES = BACKEND_CASES + [pytest.param("cpu", "reference", id="reference-cpu")]
 
 
@@ -231,10 +231,10 @@ def test_opcheck():
     from ofdkern.ops.frskd import attention_map_grad, attention_transfer_fused, kd_loss_fused
 
     s, t = features((2, 3, 4, 4), (2, 5, 4, 4), torch.float32)
-    torch.library.opcheck(attention_transfer_fused, (s, t, 2.0, "mean", "cpu"))
+    torch.library.opcheck(attention_transfer_fused, (s, t, 2.0, "mean", "cpu", False))
     torch.library.opcheck(attention_map_grad, (s.detach(), torch.randn(2, 16), 2.0, "cpu"))
     zs, zt = logits(2, 9, torch.float32)
-    torch.library.opcheck(kd_loss_fused, (zs, zt, 4.0, "batchmean", "cpu", True, True))
+    torch.library.opcheck(kd_loss_fused, (zs, zt, 4.0, "batchmean", "cpu", True, True, False))
 
 
 # --- self-teacher and training ---------------------------------------------------------------------------------

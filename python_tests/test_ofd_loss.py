@@ -294,11 +294,11 @@ def test_double_backward_is_refused(device, backend):
 def test_gradients_are_skipped_when_not_needed(device, backend):
     student, teacher = make_features((2, 4, 3, 3), torch.float32, device)
     margin = make_margin(4, torch.float32, device)
-    outputs = ofd_loss_fused(student, teacher, margin, "sum", backend, False, False, False)
+    outputs = ofd_loss_fused(student, teacher, margin, "sum", backend, False, False, False, False)
     assert [o.numel() for o in outputs[1:]] == [0, 0, 0]
     student.requires_grad_()
     with torch.no_grad():
-        outputs = ofd_loss_fused(student, teacher, margin, "sum", backend, False, False, False)
+        outputs = ofd_loss_fused(student, teacher, margin, "sum", backend, False, False, False, False)
         loss = ofdkern.ofd_loss(student, teacher, margin, backend=backend)
     assert not loss.requires_grad
     torch.testing.assert_close(loss, outputs[0])
@@ -309,7 +309,7 @@ def test_channels_last_is_not_copied(device, backend):
     student, teacher = make_features((2, 8, 4, 4), torch.float32, device, layout="channels_last")
     margin = make_margin(8, torch.float32, device)
     student.requires_grad_()
-    _, d_student, _, _ = ofd_loss_fused(student, teacher, margin, "sum", backend, True, False, False)
+    _, d_student, _, _ = ofd_loss_fused(student, teacher, margin, "sum", backend, True, False, False, False)
     # The gradient buffer comes out in the input's layout: the kernel walked it in place.
     assert d_student.stride() == student.stride()
 
@@ -359,10 +359,10 @@ def test_unavailable_backend_raises():
     s = torch.randn(2, 3, 4, 4)
     unavailable = [name for name in ("cuda", "triton") if "cpu" not in STATUS[name]["devices"]]
     for name in unavailable:
-        with pytest.raises(ofdkern.BackendUnavailableError, match=f"backend '{name}' cannot run on cpu"):
+        with pytest.raises(ofdkern.BackendUnavailableError, match=f"backend '{name}' cannot run this call on cpu"):
             ofdkern.ofd_loss(s, s.clone(), -torch.rand(3), backend=name)
     if torch.cuda.is_available():
-        with pytest.raises(ofdkern.BackendUnavailableError, match="backend 'cpu' cannot run on cuda"):
+        with pytest.raises(ofdkern.BackendUnavailableError, match="backend 'cpu' cannot run this call on cuda"):
             ofdkern.ofd_loss(s.cuda(), s.cuda(), -torch.rand(3, device="cuda"), backend="cpu")
 
 
@@ -378,19 +378,10 @@ def test_mixed_devices_raise():
 
 def test_auto_picks_the_cpu_kernel_on_cpu():
     assert STATUS["cpu"]["built"], STATUS["cpu"]["reason"]
-    from ofdkern._backends import resolve_backend
+    from ofdkern._backends import resolve
+    from ofdkern.ops.ofd import OFD
 
-    assert resolve_backend("auto", torch.device("cpu"), "ofdkern::ofd_fused") == "cpu"
-
-
-def test_backend_without_a_kernel_for_the_op_is_refused_or_skipped():
-    from ofdkern._backends import resolve_backend
-
-    assert "ofdkern::ofd_fused" in STATUS["cpu"]["ops"]
-    with pytest.raises(ofdkern.BackendUnavailableError, match="no cpu kernel for ofdkern::not_an_op"):
-        resolve_backend("cpu", torch.device("cpu"), "ofdkern::not_an_op")
-    with pytest.warns(RuntimeWarning, match="no fused kernel for ofdkern::not_an_op"):
-        assert resolve_backend("auto", torch.device("cpu"), "ofdkern::not_an_op") == "reference"
+    assert resolve(OFD, "auto", torch.device("cpu")) == "cpu"
 
 
 @pytest.mark.skipif(os.environ.get("OFDKERN_EXPECT_CUDA") != "1", reason="set where the CUDA kernels are built")
@@ -406,7 +397,7 @@ s = torch.randn(2, 3, 4, 4)
 with warnings.catch_warnings(record=True) as caught:
     a = ofdkern.ofd_loss(s, s + 1, -torch.rand(3))
     b = ofdkern.ofd_loss(s, s + 1, -torch.rand(3))
-assert [str(w.message).startswith("ofdkern: no fused kernel for ofdkern::ofd_fused") for w in caught] == [True], caught
+assert [str(w.message).startswith("ofdkern.ofd_loss: no fused kernel runs this call on cpu") for w in caught] == [True], caught
 assert not ofdkern.backend_status()["cpu"]["available"]
 try:
     ofdkern.ofd_loss(s, s, -torch.rand(3), backend="cpu")
@@ -446,7 +437,7 @@ def test_opcheck(device, backend):
     for x in (student, teacher, margin):
         x.requires_grad_()
     for reduction in ("sum", "none"):
-        torch.library.opcheck(ofd_loss_fused, (student, teacher, margin, reduction, backend, True, True, True))
+        torch.library.opcheck(ofd_loss_fused, (student, teacher, margin, reduction, backend, True, True, True, False))
 
 
 def test_torch_compile_training_step_matches_eager():

@@ -20,7 +20,7 @@ import torch
 
 import ofdkern
 from ofdkern import reference
-from ofdkern.ops._common import accumulation_dtype
+from ofdkern._dtypes import accumulation_dtype
 
 MEMORY_FORMATS = {
     "contiguous": torch.contiguous_format,

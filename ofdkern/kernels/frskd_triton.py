@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops._common import accumulation_dtype
+from .triton_helpers import accumulation_dtype, check_dense, launch
 
 # Integer exponents up to this use repeated multiplication (exact, defined for negative bases).
 _MAX_MULTIPLIED_EXPONENT = 8
@@ -100,8 +100,8 @@ def attention_map(feature: torch.Tensor, p: float) -> torch.Tensor:
     if out.numel() == 0:
         return out
     grid = (batch, triton.cdiv(positions, _POSITION_BLOCK))
-    _attention_map_kernel[grid](feature, out, channels, positions, *feature.stride(), float(p),
-                                BLOCK=_POSITION_BLOCK, **_exponent_args(p))
+    launch(_attention_map_kernel, grid, feature, out, channels, positions, *feature.stride(), float(p),
+           device=feature.device, BLOCK=_POSITION_BLOCK, **_exponent_args(p))
     return out
 
 
@@ -112,13 +112,13 @@ def attention_map_backward(feature: torch.Tensor, grad_map: torch.Tensor, p: flo
     if grad_map.shape != (batch, positions) or grad_map.dtype != acc or not grad_map.is_contiguous():
         raise ValueError(f"attention_map_backward: grad_map must be a contiguous ({batch}, {positions}) tensor "
                          f"of dtype {acc}, got {grad_map.dtype} {tuple(grad_map.shape)}")
-    # feature is dense (the op layer makes it so): the gradient takes its strides.
+    check_dense("attention_map_backward", "feature", feature)  # the gradient takes its strides
     out = torch.empty_strided(feature.shape, feature.stride(), dtype=feature.dtype, device=feature.device)
     if out.numel() == 0:
         return out
     grid = (batch * channels, triton.cdiv(positions, _POSITION_BLOCK))
-    _attention_map_backward_kernel[grid](feature, grad_map, out, channels, positions, *feature.stride(), float(p),
-                                         BLOCK=_POSITION_BLOCK, **_exponent_args(p))
+    launch(_attention_map_backward_kernel, grid, feature, grad_map, out, channels, positions, *feature.stride(),
+           float(p), device=feature.device, BLOCK=_POSITION_BLOCK, **_exponent_args(p))
     return out
 
 
@@ -206,7 +206,7 @@ def kd_fused(student: torch.Tensor, teacher: torch.Tensor, temperature: float, g
         return row_loss, d_student, d_teacher
     block = min(_CLASS_BLOCK, triton.next_power_of_2(max(classes, 1)))
     # Unused gradient pointers get the row buffer: the kernel never touches them.
-    _kd_kernel[(rows,)](student, teacher, row_loss, d_student if grad_student else row_loss,
-                        d_teacher if grad_teacher else row_loss, classes, float(temperature),
-                        BLOCK=block, GRAD_STUDENT=grad_student, GRAD_TEACHER=grad_teacher)
+    launch(_kd_kernel, (rows,), student, teacher, row_loss, d_student if grad_student else row_loss,
+           d_teacher if grad_teacher else row_loss, classes, float(temperature), device=student.device,
+           BLOCK=block, GRAD_STUDENT=grad_student, GRAD_TEACHER=grad_teacher)
     return row_loss, d_student, d_teacher

@@ -1,5 +1,5 @@
-"""Triton kernels of the fused OFD op and of its backward's scaling: same contracts as the C++ ops
-(csrc/ofd_fused.h, scale_ in csrc/ofd_op.cpp), same per-element math (csrc/ofd_math.h).
+"""Triton kernel of the fused OFD op: the contract of the C++ op (csrc/ofd_fused.h), the per-element math of
+triton_helpers (the twin of csrc/ofd_math.h).
 
 One pass over student and teacher in memory order writes the loss (one partial sum per program, or the
 per-element losses) and the requested gradients. Runs on CUDA tensors, and on CPU tensors under
@@ -8,21 +8,17 @@ even: bfloat16 gradients can differ by one ulp between the two.)
 """
 from __future__ import annotations
 
-import contextlib
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from ..ops._common import accumulation_dtype
-
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from .triton_helpers import (INTERPRET, accumulation_dtype, check_dense, check_dtype, check_same_device,
+                             check_shape, launch, margin_share, ofd_point, teacher_share)
 
 # GPU: 4096 elements per program, 16 per thread over 8 warps, so each thread issues several 128-bit loads
 # and the partial vector stays ~1/4096 of the features. Interpreter: tiny test shapes should still span
 # several programs (partials, masked tails, channels wrapping across program boundaries).
-_BLOCK = 256 if _INTERPRET else 4096
+_BLOCK = 256 if INTERPRET else 4096
 _NUM_WARPS = 8
 
 
@@ -70,13 +66,7 @@ def _ofd_fused_kernel(
     t = tl.load(teacher_ptr + offsets, mask=in_bounds, other=0.0).to(acc_dtype)
     m = tl.load(margin_ptr + channel, mask=in_bounds, other=0.0)
 
-    # margin_relu: t != t keeps a NaN teacher like torch.maximum (a NaN margin stays via the select).
-    t_prime = tl.where((t > m) | (t != t), t, m)
-    # The mask multiplies (not a select) so inf * 0 gives NaN as in the reference.
-    mask = ((s > t_prime) | (t_prime > 0.0)).to(acc_dtype)
-    diff = s - t_prime
-    loss = diff * diff * mask
-    d_student = 2.0 * diff * mask
+    loss, d_student = ofd_point(s, t, m)
 
     if ELEMENTWISE:
         tl.store(loss_ptr + offsets, loss, mask=in_bounds)
@@ -85,44 +75,11 @@ def _ofd_fused_kernel(
         tl.store(loss_ptr + tl.program_id(0), tl.sum(tl.where(in_bounds, loss, 0.0), axis=0))
     if GRAD_STUDENT:
         tl.store(grad_student_ptr + offsets, d_student.to(grad_student_ptr.dtype.element_ty), mask=in_bounds)
-    if GRAD_TEACHER or GRAD_MARGIN:
-        # torch.maximum's gradient: all of d loss / d t' to the larger side, half to each at a tie;
-        # selects, so the other side gets exactly 0 even when d_student is NaN or inf.
-        share = tl.where(t == m, -d_student * 0.5, -d_student)
-        if GRAD_TEACHER:
-            grad_teacher = tl.where(t < m, 0.0, share)
-            tl.store(grad_teacher_ptr + offsets, grad_teacher.to(grad_teacher_ptr.dtype.element_ty),
-                     mask=in_bounds)
-        if GRAD_MARGIN:
-            tl.store(grad_margin_ptr + offsets, tl.where(t > m, 0.0, share), mask=in_bounds)
-
-
-def _launch_device(tensor: torch.Tensor):
-    """Triton launches on the current CUDA device: make it the tensor's one."""
-    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
-
-
-@triton.jit
-def _scale_kernel(gradient_ptr, factor_ptr, numel, BLOCK: tl.constexpr):
-    """gradient *= factor, in the factor's dtype (the accumulation dtype): one rounding per element."""
-    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    in_bounds = offsets < numel
-    factor = tl.load(factor_ptr)
-    gradient = tl.load(gradient_ptr + offsets, mask=in_bounds, other=0.0).to(factor.dtype)
-    tl.store(gradient_ptr + offsets, (gradient * factor).to(gradient_ptr.dtype.element_ty), mask=in_bounds)
-
-
-def scale_triton_(gradient: torch.Tensor, factor: torch.Tensor) -> None:
-    """The fused op's backward, in place: ``gradient *= factor`` with ``factor`` a 0-dim tensor in the
-    accumulation dtype on the gradient's device, read by the kernel (no host sync)."""
-    assert gradient.stride() == torch.empty_like(gradient, device="meta").stride(), "gradient must be dense"
-    assert factor.dim() == 0 and factor.dtype == accumulation_dtype(gradient.dtype)
-    assert factor.device == gradient.device
-    numel = gradient.numel()
-    if numel == 0:
-        return
-    with _launch_device(gradient):
-        _scale_kernel[(triton.cdiv(numel, _BLOCK),)](gradient, factor, numel, BLOCK=_BLOCK, num_warps=_NUM_WARPS)
+    if GRAD_TEACHER:
+        tl.store(grad_teacher_ptr + offsets, teacher_share(d_student, t, m).to(grad_teacher_ptr.dtype.element_ty),
+                 mask=in_bounds)
+    if GRAD_MARGIN:
+        tl.store(grad_margin_ptr + offsets, margin_share(d_student, t, m), mask=in_bounds)
 
 
 def _magic_divider(divisor: int) -> tuple[int, int]:
@@ -135,16 +92,22 @@ def _magic_divider(divisor: int) -> tuple[int, int]:
 
 def _allocate_fused_outputs(student, teacher, margin, elementwise, grad_student, grad_teacher, grad_margin,
                             partial_count):
-    """The Python twin of allocate_fused_outputs (csrc/ofd_fused.h): the contract asserted (the Python
-    layer already validated the user's arguments), the outputs allocated."""
+    """The Python twin of allocate_fused_outputs (csrc/ofd_fused.h): the contract checked, the outputs
+    allocated."""
+    op = "ofd_fused_triton"
+    if student.dim() < 2:
+        raise ValueError(f"{op}: student must have a channel dim 1, got shape {tuple(student.shape)}")
+    check_shape(op, "teacher", teacher, student.shape)
+    check_dtype(op, "teacher", teacher, student.dtype)
+    check_dense(op, "student", student)
+    if teacher.stride() != student.stride():
+        raise ValueError(f"{op}: student and teacher must share strides, got {student.stride()} and "
+                         f"{teacher.stride()}")
     acc = accumulation_dtype(student.dtype)
-    assert student.dim() >= 2 and student.shape == teacher.shape, (student.shape, teacher.shape)
-    assert student.dtype == teacher.dtype and student.stride() == teacher.stride()
-    # empty_like keeps the strides of a non-overlapping and dense tensor only.
-    assert student.stride() == torch.empty_like(student, device="meta").stride(), "student must be dense"
-    assert margin.shape == (student.shape[1],) and margin.is_contiguous() and margin.dtype == acc, (
-        margin.shape, margin.dtype)
-    assert student.device == teacher.device == margin.device
+    check_shape(op, "margin", margin, (student.shape[1],))
+    check_dtype(op, "margin", margin, acc)
+    check_dense(op, "margin", margin)
+    check_same_device(op, student=student, teacher=teacher, margin=margin)
 
     loss = (torch.empty_like(student, dtype=acc) if elementwise
             else student.new_empty((partial_count,), dtype=acc))
@@ -172,11 +135,8 @@ def ofd_fused_triton(student: torch.Tensor, teacher: torch.Tensor, margin: torch
     channel_stride = 1 if channels == 1 else student.stride(1)
     # Per-element dividends must stay under 2^31 for the magic-number division; else 64-bit division.
     wide_index = max(channel_stride, channels) + _BLOCK > 2**31
-    with _launch_device(student):
-        _ofd_fused_kernel[(programs,)](
-            student, teacher, margin, *outputs,
-            numel, channel_stride, channels, *_magic_divider(channel_stride), *_magic_divider(channels),
-            ELEMENTWISE=elementwise, GRAD_STUDENT=grad_student, GRAD_TEACHER=grad_teacher,
-            GRAD_MARGIN=grad_margin, WIDE_INDEX=wide_index, BLOCK=_BLOCK, num_warps=_NUM_WARPS,
-        )
+    launch(_ofd_fused_kernel, (programs,), student, teacher, margin, *outputs,
+           numel, channel_stride, channels, *_magic_divider(channel_stride), *_magic_divider(channels),
+           device=student.device, ELEMENTWISE=elementwise, GRAD_STUDENT=grad_student, GRAD_TEACHER=grad_teacher,
+           GRAD_MARGIN=grad_margin, WIDE_INDEX=wide_index, BLOCK=_BLOCK, num_warps=_NUM_WARPS)
     return outputs

@@ -1,14 +1,9 @@
-"""Conventions every fused op shares."""
+"""Conventions every fused op shares: the reductions' counts and the (N, C, positions) view of features."""
 from __future__ import annotations
 
 import math
 
 import torch
-
-
-def accumulation_dtype(feature_dtype: torch.dtype) -> torch.dtype:
-    """The dtype kernels compute and accumulate in: float64 for float64 inputs, float32 otherwise."""
-    return torch.float64 if feature_dtype == torch.float64 else torch.float32
 
 
 def reduction_count(shape: torch.Size, reduction: str) -> int:
@@ -31,5 +26,24 @@ def as_positions(feature: torch.Tensor) -> torch.Tensor:
     batch, channels = feature.shape[:2]
     positions = math.prod(feature.shape[2:])
     merged = feature.reshape(batch, channels, positions)
-    channels_inner = merged.stride() == (channels * positions, 1, channels)
-    return merged if merged.is_contiguous() or channels_inner else merged.contiguous()
+    return merged if merged.is_contiguous() or _channels_inner(merged) else merged.contiguous()
+
+
+def _channels_inner(merged: torch.Tensor) -> bool:
+    batch, channels, positions = merged.shape
+    return merged.stride() == (channels * positions, 1, channels)
+
+
+def empty_like_positions(feature: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """An uninitialized tensor of ``feature``'s shape in the layout ``as_positions(feature)`` walks (channels
+    innermost for channels_last features, NCHW otherwise), so that ``as_positions`` of it is a view."""
+    batch, channels = feature.shape[:2]
+    spatial = feature.shape[2:]
+    if not _channels_inner(as_positions(feature)):
+        return feature.new_empty(feature.shape, dtype=dtype)
+    strides, step = [], channels
+    for size in reversed(spatial):
+        strides.append(step)
+        step *= size
+    return torch.empty_strided(feature.shape, (step, 1, *reversed(strides)), dtype=dtype or feature.dtype,
+                               device=feature.device)

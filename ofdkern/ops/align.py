@@ -9,7 +9,8 @@ activation ever exists at full size:
 
 - "triton": one kernel; each program walks tiles of pixels, recomputes the MLP in registers and back-propagates
   the tile at once, keeping its weight-gradient sums in registers (written once per program, summed afterwards in
-  a fixed order). It handles channel counts up to ``TRITON_MAX_CHANNELS``; beyond that it uses the chunked path.
+  a fixed order). It handles channel counts up to ``TRITON_MAX_CHANNELS``: beyond them "auto" takes the next
+  backend and an explicit "triton" is refused.
 - "cpu" and "cuda": the chunked ATen path: ``CHUNK_PIXELS`` pixels at a time through GEMMs (MKL/OpenBLAS on CPU,
   cuBLAS on CUDA), accumulating the weight gradients in place. These backends are plain ATen code, not
   extension ops, so they run whether or not ``ofdkern._C`` is built; on CUDA, cuBLAS GEMMs on large chunks
@@ -17,14 +18,14 @@ activation ever exists at full size:
 """
 from __future__ import annotations
 
-import warnings
-
 import torch
 
 from .. import reference
-from .._backends import BACKENDS, BackendUnavailableError, triton_status
+from .._backends import Backend, register_op, resolve
+from .._dtypes import accumulation_dtype, result_dtype
 from .._validation import check_channel_align_args
-from ._common import accumulation_dtype, as_positions, divide_by_count, reduction_count
+from ._autograd import refuse_double_backward, scale_saved_gradient
+from ._common import as_positions, divide_by_count, empty_like_positions, reduction_count
 
 # Pixels per chunk of the ATen path: the hidden activation of a chunk is CHUNK_PIXELS x hidden.
 CHUNK_PIXELS = 16384
@@ -34,22 +35,20 @@ CHUNK_PIXELS = 16384
 # 164 KiB an A100 block can have.
 TRITON_MAX_CHANNELS = {torch.float32: 64, torch.float64: 32}
 
-_warned_triton_fallback = False
+
+def _triton_limit(channels: tuple[int, int, int], dtype: torch.dtype) -> str | None:
+    bound = TRITON_MAX_CHANNELS[dtype]
+    if max(channels) > bound:
+        return f"channels (student, hidden, teacher) {channels} exceed its bound of {bound} in {dtype}"
+    return None
+
+
+ALIGN = register_op("channel_align_loss", cpu=Backend(), cuda=Backend(), triton=Backend(limit=_triton_limit))
 
 
 def _loss_dtype(student, teacher, w1, b1, w2, b2, margin) -> torch.dtype:
     """What the eager reference returns: the promoted dtype; with a margin, OFD's promotion (at least float32)."""
-    dtype = student.dtype
-    for tensor in (teacher, w1, b1, w2, b2):
-        dtype = torch.promote_types(dtype, tensor.dtype)
-    if margin is not None:
-        dtype = torch.promote_types(torch.promote_types(dtype, margin.dtype), torch.float32)
-    return dtype
-
-
-def _gradient_buffer(feature: torch.Tensor) -> torch.Tensor:
-    """An (N, C, positions) buffer laid out like ``feature`` (NCHW or channels_last)."""
-    return torch.empty_like(as_positions(feature))
+    return result_dtype(student, teacher, w1, b1, w2, b2, margin, at_least_float32=margin is not None)
 
 
 def _pixel_chunks(batch: int, positions: int, chunk: int):
@@ -122,12 +121,8 @@ def chunked_align(student3, teacher3, w1, b1, w2, b2, margin, d_student3, d_teac
     return loss, weight_grads
 
 
-def _fits_triton(channels: tuple[int, int, int], acc: torch.dtype) -> bool:
-    return max(channels) <= TRITON_MAX_CHANNELS[acc]
-
-
-def _kernel(backend: str, channels: tuple[int, int, int], acc: torch.dtype):
-    if backend == "triton" and _fits_triton(channels, acc):
+def _kernel(backend: str):
+    if backend == "triton":
         from ..kernels.align_triton import align_fused_triton
 
         return align_fused_triton
@@ -141,33 +136,34 @@ def _empty(like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 @torch.library.custom_op("ofdkern::channel_align_fused", mutates_args=())
 def channel_align_fused(student: torch.Tensor, teacher: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor,
                         w2: torch.Tensor, b2: torch.Tensor, margin: torch.Tensor | None, reduction: str,
-                        backend: str, grad_student: bool, grad_teacher: bool, grad_weights: bool
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                   torch.Tensor, torch.Tensor]:
+                        backend: str, grad_student: bool, grad_teacher: bool, grad_weights: bool,
+                        in_place_backward: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                          torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (loss, d/d student, d/d teacher, d/d w1, d/d b1, d/d w2, d/d b2) of the unit-weighted summed
     loss; w1 is (hidden, Cs) and w2 (Ct, hidden). Feature gradients are in the feature dtypes, weight gradients
     in the accumulation dtype; those not asked for are empty."""
     loss_dtype = _loss_dtype(student, teacher, w1, b1, w2, b2, margin)
     acc = accumulation_dtype(loss_dtype)
     student3, teacher3 = as_positions(student), as_positions(teacher)
-    d_student3 = _gradient_buffer(student) if grad_student else None
-    d_teacher3 = _gradient_buffer(teacher) if grad_teacher else None
+    d_student = empty_like_positions(student) if grad_student else _empty(student, student.dtype)
+    d_teacher = empty_like_positions(teacher) if grad_teacher else _empty(teacher, teacher.dtype)
+    d_student3 = as_positions(d_student) if grad_student else None
+    d_teacher3 = as_positions(d_teacher) if grad_teacher else None
     params = [p.to(acc).contiguous() for p in (w1, b1, w2, b2)]
     margin_acc = None if margin is None else margin.reshape(-1).to(acc).contiguous()
-    kernel = _kernel(backend, (student.shape[1], w1.shape[0], teacher.shape[1]), acc)
+    kernel = _kernel(backend)
     total, weight_grads = kernel(student3, teacher3, *params, margin_acc, d_student3, d_teacher3, grad_weights)
     loss = divide_by_count(total, reduction_count(teacher.shape, reduction)).to(loss_dtype)
-    features = [d.view(f.shape) if d is not None else _empty(f, f.dtype)
-                for d, f in ((d_student3, student), (d_teacher3, teacher))]
     weights = weight_grads if grad_weights else [_empty(student, acc) for _ in range(4)]
-    return loss, *features, *weights
+    return loss, d_student, d_teacher, *weights
 
 
 @channel_align_fused.register_fake
-def _(student, teacher, w1, b1, w2, b2, margin, reduction, backend, grad_student, grad_teacher, grad_weights):
+def _(student, teacher, w1, b1, w2, b2, margin, reduction, backend, grad_student, grad_teacher, grad_weights,
+      in_place_backward):
     loss_dtype = _loss_dtype(student, teacher, w1, b1, w2, b2, margin)
     acc = accumulation_dtype(loss_dtype)
-    features = [_gradient_buffer(f).view(f.shape) if wanted else _empty(f, f.dtype)
+    features = [empty_like_positions(f) if wanted else _empty(f, f.dtype)
                 for wanted, f in ((grad_student, student), (grad_teacher, teacher))]
     weights = [student.new_empty(p.shape, dtype=acc) if grad_weights else _empty(student, acc)
                for p in (w1, b1, w2, b2)]
@@ -175,58 +171,28 @@ def _(student, teacher, w1, b1, w2, b2, margin, reduction, backend, grad_student
 
 
 def _setup_context(ctx, inputs, output):
-    student, teacher, w1, b1, w2, b2, _margin, reduction, *_rest = inputs
+    student, teacher, w1, b1, w2, b2, _margin, reduction, backend, *_wanted, in_place_backward = inputs
     ctx.save_for_backward(*output[1:])
     ctx.count = reduction_count(teacher.shape, reduction)
     ctx.dtypes = [x.dtype for x in (student, teacher, w1, b1, w2, b2)]
+    ctx.backend = backend
+    ctx.in_place_backward = in_place_backward
     ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_loss, *_unused):
-    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
-        raise RuntimeError("channel_align_loss: the fused backends do not support double backward "
-                           "(create_graph=True); use backend='reference'")
-    grads = [None] * 12
+    refuse_double_backward(ALIGN.name)
+    grads = [None] * 13
     if grad_loss is None:
         return tuple(grads)
     scale = divide_by_count(grad_loss, ctx.count)  # 0-dim: stays on device
     for index, (buffer, dtype) in enumerate(zip(ctx.saved_tensors, ctx.dtypes)):
         if ctx.needs_input_grad[index]:
-            # Out of place: the saved buffer must survive a second backward through a retained graph.
-            grads[index] = (buffer * scale).to(dtype)
+            grads[index] = scale_saved_gradient(buffer, scale, dtype, ctx.backend, ctx.in_place_backward)
     return tuple(grads)
 
 
 channel_align_fused.register_autograd(_backward, setup_context=_setup_context)
-
-
-def _resolve_backend(backend: str, device: torch.device, channels: tuple[int, int, int], acc: torch.dtype) -> str:
-    """The backend that runs the op. "cpu" and "cuda" are the chunked ATen path (no extension needed) on their
-    own device type; "triton" the fused kernel where Triton runs (the chunked path past TRITON_MAX_CHANNELS);
-    "auto": Triton on CUDA when the channels fit it, else the chunked path of the device."""
-    global _warned_triton_fallback
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    triton = triton_status()
-    fits_triton = _fits_triton(channels, acc)
-    if backend == "auto":
-        if device.type == "cuda":
-            return "triton" if fits_triton and "cuda" in triton["devices"] else "cuda"
-        return "cpu" if device.type == "cpu" else "reference"
-    if backend in ("cpu", "cuda") and device.type != backend:
-        raise BackendUnavailableError(
-            f"backend {backend!r} cannot run on {device.type} tensors (channel_align_loss runs its {backend!r} "
-            f"backend on {backend} tensors only)")
-    if backend == "triton":
-        if device.type not in triton["devices"]:
-            raise BackendUnavailableError(f"backend 'triton' cannot run on {device.type} tensors: "
-                                          f"{triton['reason'] or 'not available for this device'}")
-        if not fits_triton and not _warned_triton_fallback:
-            _warned_triton_fallback = True
-            warnings.warn(f"ofdkern.channel_align_loss: channels {channels} exceed the Triton kernel's bound "
-                          f"{TRITON_MAX_CHANNELS[acc]} ({acc}); using the chunked GEMM path", RuntimeWarning,
-                          stacklevel=3)
-    return backend
 
 
 def _as_matrix(weight: torch.Tensor) -> torch.Tensor:
@@ -259,7 +225,7 @@ def channel_align_loss(student: torch.Tensor, teacher: torch.Tensor, w1: torch.T
     check_channel_align_args(student, teacher, w1, b1, w2, b2, margin, reduction)
     channels = (student.shape[1], w1.shape[0], teacher.shape[1])
     acc = accumulation_dtype(_loss_dtype(student, teacher, w1, b1, w2, b2, margin))
-    backend = _resolve_backend(backend, student.device, channels, acc)
+    backend = resolve(ALIGN, backend, student.device, channels=channels, dtype=acc)
     if backend == "reference":
         return reference.channel_align_loss(student, teacher, w1, b1, w2, b2, margin, reduction)
     if margin is not None and margin.requires_grad and torch.is_grad_enabled():
@@ -269,5 +235,5 @@ def channel_align_loss(student: torch.Tensor, teacher: torch.Tensor, w1: torch.T
     loss, *_ = channel_align_fused(
         student, teacher, _as_matrix(w1), b1, _as_matrix(w2), b2, margin, reduction, backend,
         needs_grad and student.requires_grad, needs_grad and teacher.requires_grad,
-        needs_grad and any(p.requires_grad for p in (w1, b1, w2, b2)))
+        needs_grad and any(p.requires_grad for p in (w1, b1, w2, b2)), in_place_backward=True)
     return loss

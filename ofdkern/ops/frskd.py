@@ -13,9 +13,17 @@ import math
 import torch
 
 from .. import reference
-from .._backends import resolve_backend
+from .._backends import Backend, register_op, resolve
+from .._dtypes import accumulation_dtype, result_dtype
 from .._validation import check_attention_transfer_args, check_kd_args
-from ._common import accumulation_dtype, as_positions, divide_by_count, reduction_count
+from ._autograd import refuse_double_backward, scale_saved_gradient
+from ._common import as_positions, divide_by_count, reduction_count
+
+_ATTENTION_KERNELS = ("ofdkern::attention_map", "ofdkern::attention_map_backward")
+ATTENTION_TRANSFER = register_op("attention_transfer_loss", cpu=Backend(_ATTENTION_KERNELS),
+                                 cuda=Backend(_ATTENTION_KERNELS), triton=Backend())
+KD = register_op("kd_loss", cpu=Backend(("ofdkern::kd_fused",)), cuda=Backend(("ofdkern::kd_fused",)),
+                 triton=Backend())
 
 # F.normalize's eps: the attention map norm is clamped below at this value.
 NORMALIZE_EPS = 1e-12
@@ -41,7 +49,7 @@ def _normalize_backward(grad: torch.Tensor, normalized: torch.Tensor, norm: torc
 
 def _attention_transfer_on_maps(map_student: torch.Tensor, map_teacher: torch.Tensor):
     """Sum of squared differences of the normalized maps and its gradients wrt both maps."""
-    dtype = torch.promote_types(map_student.dtype, map_teacher.dtype)
+    dtype = result_dtype(map_student, map_teacher)
     maps = (map_student.to(dtype), map_teacher.to(dtype))
     norms = [torch.linalg.vector_norm(m, dim=1, keepdim=True) for m in maps]
     normalized = [m / n.clamp_min(NORMALIZE_EPS) for m, n in zip(maps, norms)]
@@ -54,7 +62,8 @@ def _attention_transfer_on_maps(map_student: torch.Tensor, map_teacher: torch.Te
 
 @torch.library.custom_op("ofdkern::attention_transfer_fused", mutates_args=())
 def attention_transfer_fused(f_student: torch.Tensor, f_teacher: torch.Tensor, p: float, reduction: str,
-                             backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                             backend: str, in_place_backward: bool
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (loss, d loss/d student map, d loss/d teacher map); the map gradients are for a unit upstream
     gradient without the reduction's scaling, as (N, positions) tensors in the accumulation dtypes."""
     attention_map, _, _ = _kernels(backend)
@@ -62,17 +71,17 @@ def attention_transfer_fused(f_student: torch.Tensor, f_teacher: torch.Tensor, p
     map_teacher = attention_map(as_positions(f_teacher), p)
     total, grad_student, grad_teacher = _attention_transfer_on_maps(map_student, map_teacher)
     loss = divide_by_count(total, reduction_count(map_student.shape, reduction))
-    return loss.to(torch.promote_types(f_student.dtype, f_teacher.dtype)), grad_student, grad_teacher
+    return loss.to(result_dtype(f_student, f_teacher)), grad_student, grad_teacher
 
 
 @attention_transfer_fused.register_fake
-def _(f_student, f_teacher, p, reduction, backend):
+def _(f_student, f_teacher, p, reduction, backend, in_place_backward):
     positions = math.prod(f_student.shape[2:])
 
     def map_like(feature):
         return feature.new_empty((feature.shape[0], positions), dtype=accumulation_dtype(feature.dtype))
 
-    loss = f_student.new_empty((), dtype=torch.promote_types(f_student.dtype, f_teacher.dtype))
+    loss = f_student.new_empty((), dtype=result_dtype(f_student, f_teacher))
     return loss, map_like(f_student), map_like(f_teacher)
 
 
@@ -91,55 +100,53 @@ def _(feature, grad_map, p, backend):
 
 
 def _attention_setup_context(ctx, inputs, output):
-    f_student, f_teacher, p, reduction, backend = inputs
+    f_student, f_teacher, p, reduction, backend, in_place_backward = inputs
     _, grad_map_student, grad_map_teacher = output
     ctx.save_for_backward(f_student, f_teacher, grad_map_student, grad_map_teacher)
     ctx.p = p
     ctx.backend = backend
     ctx.count = reduction_count(grad_map_student.shape, reduction)
+    ctx.in_place_backward = in_place_backward
     ctx.set_materialize_grads(False)
 
 
 def _attention_backward(ctx, grad_loss, *_unused):
-    grads = [None] * 5
+    refuse_double_backward(ATTENTION_TRANSFER.name)
+    grads = [None] * 6
     if grad_loss is None:
         return tuple(grads)
     f_student, f_teacher, grad_map_student, grad_map_teacher = ctx.saved_tensors
     scale = divide_by_count(grad_loss, ctx.count)  # 0-dim: stays on device
     for index, (feature, grad_map) in enumerate(((f_student, grad_map_student), (f_teacher, grad_map_teacher))):
         if ctx.needs_input_grad[index]:
-            grads[index] = attention_map_grad(feature, (grad_map * scale).to(grad_map.dtype), ctx.p, ctx.backend)
+            # The (N, positions) map gradient is scaled; the feature gradient is then written once.
+            scaled_map = scale_saved_gradient(grad_map, scale, grad_map.dtype, ctx.backend,
+                                              ctx.in_place_backward)
+            grads[index] = attention_map_grad(feature, scaled_map, ctx.p, ctx.backend)
     return tuple(grads)
 
 
 attention_transfer_fused.register_autograd(_attention_backward, setup_context=_attention_setup_context)
 
 
-def _kd_reduce(row_loss: torch.Tensor, classes: int, reduction: str) -> torch.Tensor:
-    if reduction == "none":
-        return row_loss
-    return divide_by_count(row_loss.sum(), _kd_count(row_loss.shape[0], classes, reduction))
-
-
-def _kd_count(rows: int, classes: int, reduction: str) -> int:
-    return {"sum": 1, "batchmean": rows, "mean": rows * classes}[reduction]
-
-
 @torch.library.custom_op("ofdkern::kd_loss_fused", mutates_args=())
 def kd_loss_fused(student: torch.Tensor, teacher: torch.Tensor, temperature: float, reduction: str, backend: str,
-                  grad_student: bool, grad_teacher: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  grad_student: bool, grad_teacher: bool, in_place_backward: bool
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (loss, d sum(row losses)/d student, d sum(row losses)/d teacher); gradients not asked for are
     empty."""
-    dtype = torch.promote_types(student.dtype, teacher.dtype)
+    dtype = result_dtype(student, teacher)
     _, _, kd_fused = _kernels(backend)
     row_loss, d_student, d_teacher = kd_fused(student.to(dtype).contiguous(), teacher.to(dtype).contiguous(),
                                               temperature, grad_student, grad_teacher)
-    return _kd_reduce(row_loss, student.shape[1], reduction).to(dtype), d_student, d_teacher
+    loss = row_loss if reduction == "none" else divide_by_count(row_loss.sum(),
+                                                                reduction_count(student.shape, reduction))
+    return loss.to(dtype), d_student, d_teacher
 
 
 @kd_loss_fused.register_fake
-def _(student, teacher, temperature, reduction, backend, grad_student, grad_teacher):
-    dtype = torch.promote_types(student.dtype, teacher.dtype)
+def _(student, teacher, temperature, reduction, backend, grad_student, grad_teacher, in_place_backward):
+    dtype = result_dtype(student, teacher)
     loss = student.new_empty((student.shape[0],) if reduction == "none" else (), dtype=dtype)
 
     def maybe(wanted):
@@ -149,16 +156,19 @@ def _(student, teacher, temperature, reduction, backend, grad_student, grad_teac
 
 
 def _kd_setup_context(ctx, inputs, output):
-    student, teacher, _temperature, reduction, *_rest = inputs
+    student, teacher, _temperature, reduction, backend, *_wanted, in_place_backward = inputs
     ctx.save_for_backward(*output[1:])
     ctx.reduction = reduction
-    ctx.count = _kd_count(student.shape[0], student.shape[1], reduction) if reduction != "none" else 1
+    ctx.backend = backend
+    ctx.in_place_backward = in_place_backward
+    ctx.count = reduction_count(student.shape, reduction)
     ctx.dtypes = (student.dtype, teacher.dtype)
     ctx.set_materialize_grads(False)
 
 
 def _kd_backward(ctx, grad_loss, *_unused):
-    grads = [None] * 7
+    refuse_double_backward(KD.name)
+    grads = [None] * 8
     if grad_loss is None:
         return tuple(grads)
     d_student, d_teacher = ctx.saved_tensors
@@ -166,7 +176,7 @@ def _kd_backward(ctx, grad_loss, *_unused):
     scale = grad_loss.unsqueeze(1) if ctx.reduction == "none" else divide_by_count(grad_loss, ctx.count)
     for index, grad in enumerate((d_student, d_teacher)):
         if ctx.needs_input_grad[index]:
-            grads[index] = (grad * scale).to(ctx.dtypes[index])
+            grads[index] = scale_saved_gradient(grad, scale, ctx.dtypes[index], ctx.backend, ctx.in_place_backward)
     return tuple(grads)
 
 
@@ -192,10 +202,11 @@ def attention_transfer_loss(f_student: torch.Tensor, f_teacher: torch.Tensor, *,
         Gradients flow to both features when they require them (detach the teacher as the reference does).
     """
     check_attention_transfer_args(f_student, f_teacher, p, reduction)
-    backend = resolve_backend(backend, f_student.device, "ofdkern::attention_map")
+    backend = resolve(ATTENTION_TRANSFER, backend, f_student.device)
     if backend == "reference":
         return reference.attention_transfer_loss(f_student, f_teacher, p, reduction)
-    loss, *_ = attention_transfer_fused(f_student, f_teacher, float(p), reduction, backend)
+    loss, *_ = attention_transfer_fused(f_student, f_teacher, float(p), reduction, backend,
+                                        in_place_backward=True)
     return loss
 
 
@@ -218,10 +229,11 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, tempe
         and, when it requires grad, to the teacher (FRSKD detaches it).
     """
     check_kd_args(student_logits, teacher_logits, temperature, reduction)
-    backend = resolve_backend(backend, student_logits.device, "ofdkern::kd_fused")
+    backend = resolve(KD, backend, student_logits.device)
     if backend == "reference":
         return reference.kd_loss(student_logits, teacher_logits, temperature, reduction)
     needs_grad = torch.is_grad_enabled()
     loss, *_ = kd_loss_fused(student_logits, teacher_logits, float(temperature), reduction, backend,
-                             needs_grad and student_logits.requires_grad, needs_grad and teacher_logits.requires_grad)
+                             needs_grad and student_logits.requires_grad, needs_grad and teacher_logits.requires_grad,
+                             in_place_backward=True)
     return loss

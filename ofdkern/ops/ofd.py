@@ -3,26 +3,21 @@ and the fake kernel.
 
 Forward runs one fused kernel that writes the loss (partial sums or per-element values) and the gradients
 of the unit-weighted loss into separate buffers; backward only scales those buffers by ``grad_output``
-(a device tensor: no host sync), so forward + backward reads the features once. When autograd frees the
-graph after the backward (the usual ``loss.backward()``), the scaling is in place: the returned gradient is
-the forward's buffer, not a second one.
+(``_autograd.scale_saved_gradient``), so forward + backward reads the features once.
 """
 from __future__ import annotations
 
 import torch
 
 from .. import reference
-from .._backends import backend_status, resolve_backend
+from .._backends import Backend, register_op, resolve
+from .._dtypes import result_dtype
 from .._validation import check_ofd_args
-from ._common import accumulation_dtype, divide_by_count, reduction_count
+from ._autograd import refuse_double_backward, scale_saved_gradient
+from ._common import divide_by_count, reduction_count
 
-
-# Whether the extension can allocate CPU outputs on transparent huge pages.
-HUGEPAGE_BUFFERS = "ofdkern::empty_like_hugepage" in backend_status()["cpu"].get("ops", ())
-if HUGEPAGE_BUFFERS:
-    torch.library.register_fake("ofdkern::empty_like_hugepage")(lambda like: torch.empty_like(like))
-if "ofdkern::scale_" in backend_status()["cuda"].get("ops", ()):
-    torch.library.register_fake("ofdkern::scale_")(lambda gradient, factor: None)
+OFD = register_op("ofd_loss", cpu=Backend(("ofdkern::ofd_fused",)), cuda=Backend(("ofdkern::ofd_fused",)),
+                  triton=Backend())
 
 
 def _fused_kernel(backend: str):
@@ -34,27 +29,10 @@ def _fused_kernel(backend: str):
     return torch.ops.ofdkern.ofd_fused.default
 
 
-def _scale_in_place(gradient: torch.Tensor, factor: torch.Tensor, backend: str) -> torch.Tensor:
-    """``gradient *= factor`` for a 0-dim device ``factor``, by the backend's own kernel on GPUs (one rounding
-    per element, at copy bandwidth; torch's mul_ rounds the factor to a half-precision gradient's dtype and
-    runs at a third of that), by torch's mul_ on the CPU (already exact and vectorized there)."""
-    if backend == "cpu":
-        return gradient.mul_(factor)
-    factor = factor.to(accumulation_dtype(gradient.dtype))
-    if backend == "triton":
-        from ..kernels.ofd_triton import scale_triton_
-
-        scale_triton_(gradient, factor)
-    else:
-        torch.ops.ofdkern.scale_(gradient, factor)
-    return gradient
-
-
 def compute_dtype(student: torch.Tensor, teacher: torch.Tensor, margin: torch.Tensor) -> torch.dtype:
     """The dtype the reference computes and returns in: ``torch.max(t, m)`` promotion, then at least float32
     (its float mask promotes half-precision losses)."""
-    promoted = torch.promote_types(torch.promote_types(student.dtype, teacher.dtype), margin.dtype)
-    return torch.promote_types(promoted, torch.float32)
+    return result_dtype(student, teacher, margin, at_least_float32=True)
 
 
 def _feature_dtype(student: torch.Tensor, teacher: torch.Tensor, out_dtype: torch.dtype) -> torch.dtype:
@@ -88,11 +66,11 @@ def _prepare(student, teacher, margin):
 
 @torch.library.custom_op("ofdkern::ofd_loss_fused", mutates_args=())
 def ofd_loss_fused(student: torch.Tensor, teacher: torch.Tensor, margin: torch.Tensor, reduction: str,
-                   backend: str, grad_student: bool, grad_teacher: bool, grad_margin: bool
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                   backend: str, grad_student: bool, grad_teacher: bool, grad_margin: bool,
+                   in_place_backward: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (loss, d loss/d student, d loss/d teacher, per-element d loss/d margin) for a unit upstream
-    gradient and no reduction scaling; gradients not asked for are empty. The gradient outputs belong to
-    autograd: its backward scales them in place when the graph is not retained."""
+    gradient and no reduction scaling; gradients not asked for are empty. ``in_place_backward``: the caller
+    drops the gradient outputs, so the backward may scale them in place (ops/_autograd.py)."""
     student_p, teacher_p, margin_p, out_dtype = _prepare(student, teacher, margin)
     elementwise = reduction == "none"
     loss, d_student, d_teacher, d_margin = _fused_kernel(backend)(
@@ -104,7 +82,7 @@ def ofd_loss_fused(student: torch.Tensor, teacher: torch.Tensor, margin: torch.T
 
 
 @ofd_loss_fused.register_fake
-def _(student, teacher, margin, reduction, backend, grad_student, grad_teacher, grad_margin):
+def _(student, teacher, margin, reduction, backend, grad_student, grad_teacher, grad_margin, in_place_backward):
     out_dtype = compute_dtype(student, teacher, margin)
     feature_dtype = _feature_dtype(student, teacher, out_dtype)
     if reduction == "none":
@@ -119,9 +97,10 @@ def _(student, teacher, margin, reduction, backend, grad_student, grad_teacher, 
 
 
 def _setup_context(ctx, inputs, output):
-    student, teacher, margin, reduction, backend, *_wanted = inputs
+    student, teacher, margin, reduction, backend, *_wanted, in_place_backward = inputs
     ctx.save_for_backward(*output[1:])
     ctx.backend = backend
+    ctx.in_place_backward = in_place_backward
     ctx.reduction = reduction
     ctx.count = reduction_count(student.shape, reduction)
     ctx.dtypes = (student.dtype, teacher.dtype, margin.dtype)
@@ -129,48 +108,19 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _graph_dies_with_this_backward() -> bool:
-    """True when autograd frees the graph after this backward (no ``retain_graph``): the saved gradient
-    buffers are then used for the last time and may be scaled in place. A retained graph (gradcheck, a second
-    backward) needs them intact. So does tracing (a dispatch mode such as make_fx or fake tensors is active:
-    the traced graph must stay functional), and a torch without the query."""
-    keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
-    tracing = torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
-    return keep_graph is not None and not tracing and not keep_graph()
-
-
-def _scaled(buffer: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, in_place: bool,
-            backend: str) -> torch.Tensor:
-    """``buffer * scale`` in ``dtype``: in place on the saved buffer when allowed (no second feature-sized
-    buffer to fault in and fill), else out of place; on CPU into a huge-page buffer when the extension has one
-    (csrc/cpu_buffers.h: faulting in a fresh feature-sized tensor costs more than the multiply)."""
-    same_dtype = torch.result_type(buffer, scale) == buffer.dtype == dtype
-    if in_place and same_dtype:
-        if scale.dim() == 0:
-            return _scale_in_place(buffer, scale, backend)
-        return buffer.mul_(scale)
-    if buffer.device.type == "cpu" and HUGEPAGE_BUFFERS and not torch.compiler.is_compiling() and same_dtype:
-        return torch.mul(buffer, scale, out=torch.ops.ofdkern.empty_like_hugepage(buffer))
-    return (buffer * scale).to(dtype)
-
-
 def _backward(ctx, grad_loss, *_unused):
-    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
-        # The saved gradients are constants to autograd: second-order terms would silently be missing.
-        raise RuntimeError("ofd_loss: the fused backends do not support double backward (create_graph=True); "
-                           "use backend='reference'")
+    refuse_double_backward(OFD.name)
     d_student, d_teacher, d_margin = ctx.saved_tensors
-    grads = [None] * 8
+    grads = [None] * 9
     if grad_loss is None:
         return tuple(grads)
     # Reductions: a 0-dim scale (stays on device). "none": the per-element upstream gradient.
     scale = grad_loss if ctx.reduction == "none" else divide_by_count(grad_loss, ctx.count)
     student_dtype, teacher_dtype, margin_dtype = ctx.dtypes
-    in_place = _graph_dies_with_this_backward()
     if ctx.needs_input_grad[0]:
-        grads[0] = _scaled(d_student, scale, student_dtype, in_place, ctx.backend)
+        grads[0] = scale_saved_gradient(d_student, scale, student_dtype, ctx.backend, ctx.in_place_backward)
     if ctx.needs_input_grad[1]:
-        grads[1] = _scaled(d_teacher, scale, teacher_dtype, in_place, ctx.backend)
+        grads[1] = scale_saved_gradient(d_teacher, scale, teacher_dtype, ctx.backend, ctx.in_place_backward)
     if ctx.needs_input_grad[2]:
         channel_sum_dims = [d for d in range(d_margin.dim()) if d != 1]
         per_channel = (d_margin * scale).sum(dim=channel_sum_dims)
@@ -200,12 +150,12 @@ def ofd_loss(student: torch.Tensor, teacher: torch.Tensor, margin: torch.Tensor,
         accumulated in float32 (float64). Gradients flow to every input that requires them.
     """
     check_ofd_args(student, teacher, margin, reduction)
-    backend = resolve_backend(backend, student.device, "ofdkern::ofd_fused")
+    backend = resolve(OFD, backend, student.device)
     if backend == "reference":
         return reference.ofd_loss(student, teacher, margin, reduction)
     needs_grad = torch.is_grad_enabled()
     loss, *_ = ofd_loss_fused(student, teacher, margin, reduction, backend,
                               needs_grad and student.requires_grad,
                               needs_grad and teacher.requires_grad,
-                              needs_grad and margin.requires_grad)
+                              needs_grad and margin.requires_grad, in_place_backward=True)
     return loss

@@ -1,0 +1,101 @@
+"""What every Triton kernel of ofdkern shares: the accumulation dtype, a launch on the tensors' own device, the
+argument checks of the kernel entry points, and the per-element math as ``@triton.jit`` functions (the Triton
+twins of csrc/ofd_math.h).
+
+Kernels run on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (set before importing triton).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .._dtypes import accumulation_dtype
+
+__all__ = ["INTERPRET", "accumulation_dtype", "check_dense", "check_dtype", "check_same_device", "check_shape",
+           "launch", "margin_relu", "margin_share", "ofd_point", "relu", "relu_backward", "teacher_share"]
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def launch(kernel, grid, *args, device: torch.device, **meta) -> None:
+    """``kernel[grid](*args, **meta)`` on ``device``: Triton launches on the current CUDA device, which need
+    not be the tensors' one."""
+    guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    with guard:
+        kernel[grid](*args, **meta)
+
+
+# ---- argument checks of the kernel entry points (the Python layer already gave users a clear error; these
+# guard direct calls of the ops, which would otherwise read or write out of bounds)
+
+def check_dtype(op: str, name: str, tensor: torch.Tensor, dtype: torch.dtype) -> None:
+    if tensor.dtype != dtype:
+        raise TypeError(f"{op}: {name} must have dtype {dtype}, got {tensor.dtype}")
+
+
+def check_shape(op: str, name: str, tensor: torch.Tensor, shape: tuple[int, ...]) -> None:
+    if tuple(tensor.shape) != tuple(shape):
+        raise ValueError(f"{op}: {name} must have shape {tuple(shape)}, got {tuple(tensor.shape)}")
+
+
+def check_dense(op: str, name: str, tensor: torch.Tensor) -> None:
+    """Non-overlapping and dense: ``empty_like`` keeps exactly the strides of such a tensor."""
+    if tensor.stride() != torch.empty_like(tensor, device="meta").stride():
+        raise ValueError(f"{op}: {name} must be non-overlapping and dense, got strides {tensor.stride()} for "
+                         f"shape {tuple(tensor.shape)}")
+
+
+def check_same_device(op: str, **tensors: torch.Tensor) -> None:
+    devices = {tensor.device for tensor in tensors.values()}
+    if len(devices) > 1:
+        listed = ", ".join(f"{name} on {tensor.device}" for name, tensor in tensors.items())
+        raise ValueError(f"{op}: tensors must be on one device, got {listed}")
+
+
+# ---- per-element math (csrc/ofd_math.h) -------------------------------------------------------------------
+
+@triton.jit
+def margin_relu(t, m):
+    """max(t, m) keeping a NaN teacher like torch.maximum (a NaN margin stays through the select)."""
+    return tl.where((t > m) | (t != t), t, m)
+
+
+@triton.jit
+def ofd_point(s, t, m):
+    """OFD's partial L2 of one element and its derivative wrt s: (s - t')^2 * mask and 2 (s - t') * mask
+    with t' = max(t, m). The mask multiplies (not a select) so inf * 0 gives NaN as in the reference."""
+    t_prime = margin_relu(t, m)
+    mask = ((s > t_prime) | (t_prime > 0.0)).to(s.dtype)
+    diff = s - t_prime
+    return diff * diff * mask, 2.0 * diff * mask
+
+
+@triton.jit
+def teacher_share(d_student, t, m):
+    """The teacher's part of d loss / d t' = -d_student: all of it above the margin, half at a tie, exactly 0
+    below (a select, so 0 even when d_student is NaN or inf)."""
+    share = tl.where(t == m, -d_student * 0.5, -d_student)
+    return tl.where(t < m, 0.0, share)
+
+
+@triton.jit
+def margin_share(d_student, t, m):
+    """The margin's part of d loss / d t': the complement of teacher_share."""
+    share = tl.where(t == m, -d_student * 0.5, -d_student)
+    return tl.where(t > m, 0.0, share)
+
+
+@triton.jit
+def relu(x):
+    """torch.relu: NaN stays NaN."""
+    return tl.where((x > 0) | (x != x), x, 0.0)
+
+
+@triton.jit
+def relu_backward(grad, x):
+    """What autograd gives through torch.relu: 0 where relu(x) <= 0, the gradient elsewhere (NaN included)."""
+    return tl.where(x <= 0, 0.0, grad)

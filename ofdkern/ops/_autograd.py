@@ -1,0 +1,85 @@
+"""The backward every fused op shares.
+
+The forward kernels write the gradients of the unit-weighted loss into buffers the custom op returns (and its
+autograd context saves); the backward only scales them by ``grad_output``, a device tensor, so no host sync.
+When autograd frees the graph after this backward (a plain ``loss.backward()``) and nobody else holds those
+buffers, the scaling is in place: the gradient an input gets is the forward's buffer, not a second
+feature-sized tensor. The custom ops take that permission as an argument, ``in_place_backward``: the public
+functions pass True (they return the loss and drop the buffers); a direct call of a custom op with False gets
+a purely functional op whose outputs never change after it returns.
+"""
+from __future__ import annotations
+
+import torch
+
+from .._backends import has_kernel
+from .._dtypes import accumulation_dtype
+
+# Whether the extension can allocate CPU outputs on transparent huge pages (csrc/cpu_buffers.h).
+HUGEPAGE_BUFFERS = has_kernel("cpu", "ofdkern::empty_like_hugepage")
+if HUGEPAGE_BUFFERS:
+    torch.library.register_fake("ofdkern::empty_like_hugepage")(lambda like: torch.empty_like(like))
+_CUDA_SCALE = has_kernel("cuda", "ofdkern::scale_")
+if _CUDA_SCALE:
+    torch.library.register_fake("ofdkern::scale_")(lambda gradient, factor: None)
+
+
+def refuse_double_backward(op_name: str) -> None:
+    """The saved gradients are constants to autograd: second-order terms would silently be missing."""
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        raise RuntimeError(f"ofdkern.{op_name}: the fused backends do not support double backward "
+                           f"(create_graph=True); use backend='reference'")
+
+
+def _tracing() -> bool:
+    """torch.compile, or a dispatch mode such as make_fx or fake tensors: the traced graph must stay
+    functional and see only ops (no raw kernel launches)."""
+    return torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
+
+
+def graph_dies_with_this_backward() -> bool:
+    """True when autograd frees the graph after this backward (no ``retain_graph``): the saved gradient
+    buffers are then used for the last time and may be scaled in place. A retained graph (gradcheck, a second
+    backward) needs them intact; so does tracing, and a torch without the query."""
+    keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return keep_graph is not None and not _tracing() and not keep_graph()
+
+
+def _scale_on_device_(gradient: torch.Tensor, factor: torch.Tensor, backend: str) -> torch.Tensor:
+    """``gradient *= factor`` for a 0-dim ``factor`` on a GPU, by the backend's own kernel: the factor kept in
+    the accumulation dtype and one rounding per element at copy bandwidth (torch's mul_ rounds the factor to a
+    half-precision gradient's dtype first and runs at a third of that)."""
+    factor = factor.to(accumulation_dtype(gradient.dtype))
+    if backend == "cuda" and _CUDA_SCALE:
+        torch.ops.ofdkern.scale_(gradient, factor)
+    else:
+        from ..kernels.scale_triton import scale_triton_
+
+        scale_triton_(gradient, factor)
+    return gradient
+
+
+def scale_saved_gradient(buffer: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, backend: str,
+                         in_place_backward: bool) -> torch.Tensor:
+    """The gradient of an input from its saved unit gradient: ``buffer * scale`` in the input's ``dtype``.
+
+    ``scale`` is ``grad_output`` divided by the reduction's count: 0-dim for reduced losses, or broadcasting
+    over ``buffer`` (a per-element or per-row ``grad_output``). In place on ``buffer`` when the op was allowed
+    (``in_place_backward``) and the graph dies with this backward; else into a new tensor (on CPU a huge-page
+    buffer when the extension has them: faulting in a fresh feature-sized tensor costs more than the
+    multiply)."""
+    exact = buffer.dtype == dtype and torch.result_type(buffer, scale) == dtype
+    if not exact:  # the buffer is in another dtype (a wider feature dtype), or a per-element scale promotes
+        return (buffer * scale).to(dtype)
+    if _tracing():
+        # One rounding, like the device kernels; inductor fuses it into one pass.
+        acc = accumulation_dtype(dtype)
+        return (buffer.to(acc) * scale.to(acc)).to(dtype)
+    in_place = in_place_backward and graph_dies_with_this_backward()
+    if buffer.device.type != "cpu" and scale.dim() == 0:
+        return _scale_on_device_(buffer if in_place else buffer.clone(), scale, backend)
+    if in_place:
+        return buffer.mul_(scale)  # exact and vectorized on the CPU
+    if buffer.device.type == "cpu" and HUGEPAGE_BUFFERS:
+        return torch.mul(buffer, scale, out=torch.ops.ofdkern.empty_like_hugepage(buffer))
+    return buffer * scale
