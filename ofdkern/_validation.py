@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -53,36 +54,54 @@ def check_ofd_args(student, teacher, margin, reduction) -> None:
     check_reduction(reduction)
 
 
-def check_positive_number(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+def as_number(name: str, value) -> float:
+    """A real hyper-parameter given as a Python or NumPy number or a 0-dim real tensor, as a float (a tensor
+    is read once, here); bools and anything else are refused."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0 or value.dtype == torch.bool or value.is_complex():
+            raise TypeError(f"{name} must be a real number or a 0-dim real tensor, got a {value.dtype} tensor "
+                            f"of shape {tuple(value.shape)}")
+        return float(value.item())
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    return float(value)
+
+
+def check_positive_number(name: str, value) -> float:
+    """``as_number``, also required to be positive and finite."""
+    number = as_number(name, value)
+    if not math.isfinite(number) or number <= 0:
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return number
 
 
-def check_attention_transfer_args(f_student, f_teacher, p, reduction) -> None:
+def check_attention_transfer_args(f_student, f_teacher, p, reduction) -> float:
     """Features of 2 to 5 dims, channels on dim 1 (they may differ: the maps average them out), equal batch
-    and spatial sizes."""
+    and spatial sizes. Returns p as a float."""
     check_tensor("f_student", f_student, min_dim=2, max_dim=5)
     check_tensor("f_teacher", f_teacher, min_dim=2, max_dim=5)
     if f_student.shape[:1] + f_student.shape[2:] != f_teacher.shape[:1] + f_teacher.shape[2:]:
         raise ValueError(
             f"f_student and f_teacher must have the same batch and spatial sizes (channels may differ), got "
             f"f_student {tuple(f_student.shape)} and f_teacher {tuple(f_teacher.shape)}")
-    check_positive_number("p", p)
+    p = check_positive_number("p", p)
     check_same_device(f_student=f_student, f_teacher=f_teacher)
     check_reduction(reduction, AT_REDUCTIONS)
+    return p
 
 
-def check_kd_args(student_logits, teacher_logits, temperature, reduction) -> None:
-    """(N, K) logits of the same shape, a positive temperature."""
+def check_kd_args(student_logits, teacher_logits, temperature, reduction) -> float:
+    """(N, K) logits of the same shape, a positive temperature (returned as a float)."""
     check_tensor("student_logits", student_logits, min_dim=2, max_dim=2)
     check_tensor("teacher_logits", teacher_logits, min_dim=2, max_dim=2)
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(
             f"student_logits and teacher_logits must have the same shape (N, K), got "
             f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}")
-    check_positive_number("temperature", temperature)
+    temperature = check_positive_number("temperature", temperature)
     check_same_device(student_logits=student_logits, teacher_logits=teacher_logits)
     check_reduction(reduction)
+    return temperature
 
 
 def check_pointwise_weight(name: str, weight, out_channels: int | None, in_channels: int) -> int:
@@ -109,6 +128,9 @@ def check_channel_align_args(student, teacher, w1, b1, w2, b2, margin, reduction
     s_channels, t_channels = student.shape[1], teacher.shape[1]
     hidden = check_pointwise_weight("w1", w1, None, s_channels)
     check_pointwise_weight("w2", w2, t_channels, hidden)
+    if min(s_channels, hidden, t_channels) < 1:
+        raise ValueError(f"the MLP needs at least one channel in every layer, got student {s_channels}, hidden "
+                         f"{hidden} (w1 {tuple(w1.shape)}) and teacher {t_channels} channels")
     for name, bias, channels in (("b1", b1, hidden), ("b2", b2, t_channels)):
         check_tensor(name, bias)
         if tuple(bias.shape) != (channels,):

@@ -147,7 +147,7 @@ class FRSKDLoss(nn.Module):
         for name, value in (("alpha", alpha), ("beta", beta)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a non-negative finite number, got {value!r}")
-        check_positive_number("temperature", temperature)
+        temperature = check_positive_number("temperature", temperature)
         check_backend_name(backend)
         self.alpha = float(alpha)
         self.beta = float(beta)

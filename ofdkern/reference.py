@@ -31,9 +31,10 @@ def ofd_loss(student: torch.Tensor, teacher: torch.Tensor, margin: torch.Tensor,
              reduction: str = "sum") -> torch.Tensor:
     """Margin-ReLU teacher transform + partial L2 distance, as in the reference code."""
     target = torch.max(teacher, margin_as_channels(margin, teacher.dim()))
-    # The explicit cast is the promotion mse_loss does anyway; on CUDA (torch 2.11) its backward rejects a
-    # half-precision student against an fp32 target instead of promoting.
-    loss = F.mse_loss(student.to(target.dtype), target, reduction="none")
+    # The explicit casts are the promotion mse_loss does anyway (a float64 student against a bfloat16 target
+    # computes in float64); on CUDA (torch 2.11) its backward rejects mixed dtypes instead of promoting.
+    dtype = torch.promote_types(student.dtype, target.dtype)
+    loss = F.mse_loss(student.to(dtype), target.to(dtype), reduction="none")
     loss = loss * ((student > target) | (target > 0)).float()
     return reduce_loss(loss, reduction)
 

@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_helpers import launch, ofd_point, relu, relu_backward, stored_as, teacher_share
+
 _INTERPRETED_PROGRAMS = 3  # few programs under the interpreter, each looping over several tiles
 _PROGRAMS_PER_SM = 2
 
@@ -61,18 +63,13 @@ def _align_kernel(x_ptr, t_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, m_ptr, dx_ptr, d
         x = tl.load(x_ptr + n[:, None] * sx_n + cs[None, :] * sx_c + s[:, None] * sx_s, mask=x_mask,
                     other=0).to(acc_ty)
         pre = tl.dot(x, tl.trans(w1), input_precision="ieee") + b1[None, :]
-        h = tl.where((pre > 0) | (pre != pre), pre, 0.0)  # relu keeping NaN, like torch.relu
+        h = relu(pre)
         y = tl.dot(h, tl.trans(w2), input_precision="ieee") + b2[None, :]
         valid = p_ok[:, None] & ct_ok[None, :]
         t_offsets = n[:, None] * st_n + ct[None, :] * st_c + s[:, None] * st_s
         t = tl.load(t_ptr + t_offsets, mask=valid, other=0).to(acc_ty)
         if HAS_MARGIN:
-            # OFD math of csrc/ofd_math.h: margin ReLU on the teacher, partial L2 (the mask multiplies).
-            target = tl.where((t > margin[None, :]) | (t != t), t, margin[None, :])
-            mask = ((y > target) | (target > 0)).to(acc_ty)
-            diff = y - target
-            terms = diff * diff * mask
-            d_y = 2 * diff * mask
+            terms, d_y = ofd_point(y, t, margin[None, :])
         else:
             diff = y - t
             terms = diff * diff
@@ -82,14 +79,13 @@ def _align_kernel(x_ptr, t_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, m_ptr, dx_ptr, d
         d_y = tl.where(valid, d_y, 0.0)
         if GRAD_TEACHER:
             if HAS_MARGIN:
-                share = tl.where(t == margin[None, :], -0.5 * d_y, -d_y)
-                d_t = tl.where(t < margin[None, :], 0.0, share)
+                d_t = teacher_share(d_y, t, margin[None, :])
             else:
                 d_t = -d_y
             dt_offsets = n[:, None] * sdt_n + ct[None, :] * sdt_c + s[:, None] * sdt_s
-            tl.store(dt_ptr + dt_offsets, d_t.to(dt_ptr.dtype.element_ty), mask=valid)
+            tl.store(dt_ptr + dt_offsets, stored_as(d_t, dt_ptr), mask=valid)
         if GRAD_STUDENT or GRAD_WEIGHTS:
-            d_h = tl.where(pre > 0, tl.dot(d_y, w2, input_precision="ieee"), 0.0)
+            d_h = relu_backward(tl.dot(d_y, w2, input_precision="ieee"), pre)
             if GRAD_WEIGHTS:
                 d_w2 += tl.dot(tl.trans(d_y), h, input_precision="ieee")
                 d_b2 += tl.sum(d_y, axis=0)
@@ -98,7 +94,7 @@ def _align_kernel(x_ptr, t_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, m_ptr, dx_ptr, d
             if GRAD_STUDENT:
                 d_x = tl.dot(d_h, w1, input_precision="ieee")
                 dx_offsets = n[:, None] * sdx_n + cs[None, :] * sdx_c + s[:, None] * sdx_s
-                tl.store(dx_ptr + dx_offsets, d_x.to(dx_ptr.dtype.element_ty), mask=x_mask)
+                tl.store(dx_ptr + dx_offsets, stored_as(d_x, dx_ptr), mask=x_mask)
     row = pid.to(tl.int64)
     tl.store(loss_part_ptr + row, tl.sum(loss_sum, axis=0))
     if GRAD_WEIGHTS:
@@ -139,12 +135,12 @@ def align_fused_triton(student3, teacher3, w1, b1, w2, b2, margin, d_student3, d
         # Buffers that are not asked for get a pointer the kernel never touches.
         d_student = d_student3 if d_student3 is not None else student3
         d_teacher = d_teacher3 if d_teacher3 is not None else teacher3
-        _align_kernel[(programs,)](
-            student3, teacher3, w1, b1, w2, b2, margin if margin is not None else b2, d_student, d_teacher,
-            loss_part, *parts, positions, pixels, s_channels, hidden, t_channels,
-            *student3.stride(), *teacher3.stride(), *d_student.stride(), *d_teacher.stride(),
-            BLOCK_P=block_p, BLOCK_CS=_block(s_channels), BLOCK_H=_block(hidden), BLOCK_CT=_block(t_channels),
-            HAS_MARGIN=margin is not None, GRAD_STUDENT=d_student3 is not None,
-            GRAD_TEACHER=d_teacher3 is not None, GRAD_WEIGHTS=grad_weights)
+        launch(_align_kernel, (programs,),
+               student3, teacher3, w1, b1, w2, b2, margin if margin is not None else b2, d_student, d_teacher,
+               loss_part, *parts, positions, pixels, s_channels, hidden, t_channels,
+               *student3.stride(), *teacher3.stride(), *d_student.stride(), *d_teacher.stride(),
+               device=student3.device, BLOCK_P=block_p, BLOCK_CS=_block(s_channels), BLOCK_H=_block(hidden),
+               BLOCK_CT=_block(t_channels), HAS_MARGIN=margin is not None, GRAD_STUDENT=d_student3 is not None,
+               GRAD_TEACHER=d_teacher3 is not None, GRAD_WEIGHTS=grad_weights)
     weight_grads = [part.sum(0) for part in parts] if grad_weights else None
     return loss_part.sum(), weight_grads

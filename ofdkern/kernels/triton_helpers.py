@@ -16,7 +16,8 @@ import triton.language as tl
 from .._dtypes import accumulation_dtype
 
 __all__ = ["INTERPRET", "accumulation_dtype", "check_dense", "check_dtype", "check_same_device", "check_shape",
-           "launch", "margin_relu", "margin_share", "ofd_point", "relu", "relu_backward", "teacher_share"]
+           "launch", "margin_relu", "margin_share", "ofd_point", "relu", "relu_backward", "stored_as",
+           "teacher_share"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -99,3 +100,13 @@ def relu(x):
 def relu_backward(grad, x):
     """What autograd gives through torch.relu: 0 where relu(x) <= 0, the gradient elsewhere (NaN included)."""
     return tl.where(x <= 0, 0.0, grad)
+
+
+@triton.jit
+def stored_as(x, out_ptr):
+    """``x`` in the element type of ``out_ptr``, 16-bit types through float32 (as the C++ kernels convert; the
+    interpreter's direct float64 -> bfloat16 cast is wrong)."""
+    out_dtype = out_ptr.dtype.element_ty
+    if out_dtype.primitive_bitwidth == 16:
+        x = x.to(tl.float32)
+    return x.to(out_dtype)

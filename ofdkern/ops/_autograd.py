@@ -24,6 +24,14 @@ if _CUDA_SCALE:
     torch.library.register_fake("ofdkern::scale_")(lambda gradient, factor: None)
 
 
+def save_unit_gradients(ctx, *gradients: torch.Tensor) -> None:
+    """Saves the forward's gradient buffers for the backward. They are marked non-differentiable outputs:
+    saved differentiable outputs come back from ``ctx.saved_tensors`` attached to the op's graph node, and the
+    gradients built from them would hand the user tensors that require grad and keep the graph alive."""
+    ctx.mark_non_differentiable(*gradients)
+    ctx.save_for_backward(*gradients)
+
+
 def refuse_double_backward(op_name: str) -> None:
     """The saved gradients are constants to autograd: second-order terms would silently be missing."""
     if torch.is_grad_enabled() and not torch.compiler.is_compiling():

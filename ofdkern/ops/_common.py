@@ -20,6 +20,13 @@ def divide_by_count(total: torch.Tensor, count: int) -> torch.Tensor:
     return total if count == 1 else total / count
 
 
+def gradient_scale(grad_loss: torch.Tensor, count: int) -> torch.Tensor:
+    """What the backward multiplies the saved unit gradients by: ``grad_loss / count``. A count of 0 is a
+    reduction over no element: every gradient is then an empty sum, exactly 0 (as autograd gives through the
+    reference), not the 0 * inf = NaN of the division."""
+    return torch.zeros_like(grad_loss) if count == 0 else divide_by_count(grad_loss, count)
+
+
 def as_positions(feature: torch.Tensor) -> torch.Tensor:
     """``feature`` as a dense (N, C, positions) tensor: a view for NCHW and channels_last layouts (their
     spatial dims merge), a contiguous copy otherwise."""

@@ -24,8 +24,8 @@ from .. import reference
 from .._backends import Backend, register_op, resolve
 from .._dtypes import accumulation_dtype, result_dtype
 from .._validation import check_channel_align_args
-from ._autograd import refuse_double_backward, scale_saved_gradient
-from ._common import as_positions, divide_by_count, empty_like_positions, reduction_count
+from ._autograd import refuse_double_backward, save_unit_gradients, scale_saved_gradient
+from ._common import as_positions, divide_by_count, empty_like_positions, gradient_scale, reduction_count
 
 # Pixels per chunk of the ATen path: the hidden activation of a chunk is CHUNK_PIXELS x hidden.
 CHUNK_PIXELS = 16384
@@ -109,7 +109,8 @@ def chunked_align(student3, teacher3, w1, b1, w2, b2, margin, d_student3, d_teac
             _store_rows(d_teacher3, block, d_teacher)
         if d_student3 is None and not grad_weights:
             continue
-        d_hidden = torch.where(pre > 0, d_projected @ w2, 0.0)  # relu's backward, as autograd takes it
+        # relu's backward as autograd takes it: 0 where relu(pre) <= 0, so a NaN pre-activation passes NaN on.
+        d_hidden = torch.where(pre <= 0, 0.0, d_projected @ w2)
         if grad_weights:
             d_w1, d_b1, d_w2, d_b2 = weight_grads
             d_w2.addmm_(d_projected.t(), hidden)
@@ -172,7 +173,7 @@ def _(student, teacher, w1, b1, w2, b2, margin, reduction, backend, grad_student
 
 def _setup_context(ctx, inputs, output):
     student, teacher, w1, b1, w2, b2, _margin, reduction, backend, *_wanted, in_place_backward = inputs
-    ctx.save_for_backward(*output[1:])
+    save_unit_gradients(ctx, *output[1:])
     ctx.count = reduction_count(teacher.shape, reduction)
     ctx.dtypes = [x.dtype for x in (student, teacher, w1, b1, w2, b2)]
     ctx.backend = backend
@@ -185,7 +186,7 @@ def _backward(ctx, grad_loss, *_unused):
     grads = [None] * 13
     if grad_loss is None:
         return tuple(grads)
-    scale = divide_by_count(grad_loss, ctx.count)  # 0-dim: stays on device
+    scale = gradient_scale(grad_loss, ctx.count)  # 0-dim: stays on device
     for index, (buffer, dtype) in enumerate(zip(ctx.saved_tensors, ctx.dtypes)):
         if ctx.needs_input_grad[index]:
             grads[index] = scale_saved_gradient(buffer, scale, dtype, ctx.backend, ctx.in_place_backward)

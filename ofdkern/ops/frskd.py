@@ -16,8 +16,8 @@ from .. import reference
 from .._backends import Backend, register_op, resolve
 from .._dtypes import accumulation_dtype, result_dtype
 from .._validation import check_attention_transfer_args, check_kd_args
-from ._autograd import refuse_double_backward, scale_saved_gradient
-from ._common import as_positions, divide_by_count, reduction_count
+from ._autograd import refuse_double_backward, save_unit_gradients, scale_saved_gradient
+from ._common import as_positions, divide_by_count, gradient_scale, reduction_count
 
 _ATTENTION_KERNELS = ("ofdkern::attention_map", "ofdkern::attention_map_backward")
 ATTENTION_TRANSFER = register_op("attention_transfer_loss", cpu=Backend(_ATTENTION_KERNELS),
@@ -102,6 +102,8 @@ def _(feature, grad_map, p, backend):
 def _attention_setup_context(ctx, inputs, output):
     f_student, f_teacher, p, reduction, backend, in_place_backward = inputs
     _, grad_map_student, grad_map_teacher = output
+    # The map gradients are constants to autograd, like every op's saved unit gradients (save_unit_gradients).
+    ctx.mark_non_differentiable(grad_map_student, grad_map_teacher)
     ctx.save_for_backward(f_student, f_teacher, grad_map_student, grad_map_teacher)
     ctx.p = p
     ctx.backend = backend
@@ -116,7 +118,7 @@ def _attention_backward(ctx, grad_loss, *_unused):
     if grad_loss is None:
         return tuple(grads)
     f_student, f_teacher, grad_map_student, grad_map_teacher = ctx.saved_tensors
-    scale = divide_by_count(grad_loss, ctx.count)  # 0-dim: stays on device
+    scale = gradient_scale(grad_loss, ctx.count)  # 0-dim: stays on device
     for index, (feature, grad_map) in enumerate(((f_student, grad_map_student), (f_teacher, grad_map_teacher))):
         if ctx.needs_input_grad[index]:
             # The (N, positions) map gradient is scaled; the feature gradient is then written once.
@@ -157,7 +159,7 @@ def _(student, teacher, temperature, reduction, backend, grad_student, grad_teac
 
 def _kd_setup_context(ctx, inputs, output):
     student, teacher, _temperature, reduction, backend, *_wanted, in_place_backward = inputs
-    ctx.save_for_backward(*output[1:])
+    save_unit_gradients(ctx, *output[1:])
     ctx.reduction = reduction
     ctx.backend = backend
     ctx.in_place_backward = in_place_backward
@@ -173,7 +175,7 @@ def _kd_backward(ctx, grad_loss, *_unused):
         return tuple(grads)
     d_student, d_teacher = ctx.saved_tensors
     # "none": one upstream gradient per row; otherwise a 0-dim scale (no host sync).
-    scale = grad_loss.unsqueeze(1) if ctx.reduction == "none" else divide_by_count(grad_loss, ctx.count)
+    scale = grad_loss.unsqueeze(1) if ctx.reduction == "none" else gradient_scale(grad_loss, ctx.count)
     for index, grad in enumerate((d_student, d_teacher)):
         if ctx.needs_input_grad[index]:
             grads[index] = scale_saved_gradient(grad, scale, ctx.dtypes[index], ctx.backend, ctx.in_place_backward)
@@ -201,11 +203,11 @@ def attention_transfer_loss(f_student: torch.Tensor, f_teacher: torch.Tensor, *,
         The loss in the promoted feature dtype, accumulated in float32 (float64 for float64 features).
         Gradients flow to both features when they require them (detach the teacher as the reference does).
     """
-    check_attention_transfer_args(f_student, f_teacher, p, reduction)
+    p = check_attention_transfer_args(f_student, f_teacher, p, reduction)
     backend = resolve(ATTENTION_TRANSFER, backend, f_student.device)
     if backend == "reference":
         return reference.attention_transfer_loss(f_student, f_teacher, p, reduction)
-    loss, *_ = attention_transfer_fused(f_student, f_teacher, float(p), reduction, backend,
+    loss, *_ = attention_transfer_fused(f_student, f_teacher, p, reduction, backend,
                                         in_place_backward=True)
     return loss
 
@@ -228,12 +230,12 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, tempe
         The loss in the promoted logits dtype, accumulated in float32 (float64). Gradients flow to the student
         and, when it requires grad, to the teacher (FRSKD detaches it).
     """
-    check_kd_args(student_logits, teacher_logits, temperature, reduction)
+    temperature = check_kd_args(student_logits, teacher_logits, temperature, reduction)
     backend = resolve(KD, backend, student_logits.device)
     if backend == "reference":
         return reference.kd_loss(student_logits, teacher_logits, temperature, reduction)
     needs_grad = torch.is_grad_enabled()
-    loss, *_ = kd_loss_fused(student_logits, teacher_logits, float(temperature), reduction, backend,
+    loss, *_ = kd_loss_fused(student_logits, teacher_logits, temperature, reduction, backend,
                              needs_grad and student_logits.requires_grad, needs_grad and teacher_logits.requires_grad,
                              in_place_backward=True)
     return loss

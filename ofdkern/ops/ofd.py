@@ -13,8 +13,8 @@ from .. import reference
 from .._backends import Backend, register_op, resolve
 from .._dtypes import result_dtype
 from .._validation import check_ofd_args
-from ._autograd import refuse_double_backward, scale_saved_gradient
-from ._common import divide_by_count, reduction_count
+from ._autograd import refuse_double_backward, save_unit_gradients, scale_saved_gradient
+from ._common import divide_by_count, gradient_scale, reduction_count
 
 OFD = register_op("ofd_loss", cpu=Backend(("ofdkern::ofd_fused",)), cuda=Backend(("ofdkern::ofd_fused",)),
                   triton=Backend())
@@ -98,7 +98,7 @@ def _(student, teacher, margin, reduction, backend, grad_student, grad_teacher, 
 
 def _setup_context(ctx, inputs, output):
     student, teacher, margin, reduction, backend, *_wanted, in_place_backward = inputs
-    ctx.save_for_backward(*output[1:])
+    save_unit_gradients(ctx, *output[1:])
     ctx.backend = backend
     ctx.in_place_backward = in_place_backward
     ctx.reduction = reduction
@@ -115,7 +115,7 @@ def _backward(ctx, grad_loss, *_unused):
     if grad_loss is None:
         return tuple(grads)
     # Reductions: a 0-dim scale (stays on device). "none": the per-element upstream gradient.
-    scale = grad_loss if ctx.reduction == "none" else divide_by_count(grad_loss, ctx.count)
+    scale = grad_loss if ctx.reduction == "none" else gradient_scale(grad_loss, ctx.count)
     student_dtype, teacher_dtype, margin_dtype = ctx.dtypes
     if ctx.needs_input_grad[0]:
         grads[0] = scale_saved_gradient(d_student, scale, student_dtype, ctx.backend, ctx.in_place_backward)
