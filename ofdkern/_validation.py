@@ -67,11 +67,28 @@ def as_number(name: str, value) -> float:
     return float(value)
 
 
+def check_positive_int(name: str, value) -> int:
+    """A count (channels, classes, a multiplier): a positive Python or NumPy integer, not a bool or a float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be a positive int, got {type(value).__name__} {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
 def check_positive_number(name: str, value) -> float:
     """``as_number``, also required to be positive and finite."""
     number = as_number(name, value)
     if not math.isfinite(number) or number <= 0:
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return number
+
+
+def check_non_negative_number(name: str, value) -> float:
+    """``as_number``, also required to be finite and >= 0 (a loss weight)."""
+    number = as_number(name, value)
+    if not math.isfinite(number) or number < 0:
+        raise ValueError(f"{name} must be a non-negative finite number, got {value!r}")
     return number
 
 

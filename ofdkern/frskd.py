@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._backends import check_backend_name
-from ._validation import check_positive_number
+from ._validation import check_non_negative_number, check_positive_int, check_positive_number
 from .ops import attention_transfer_loss, kd_loss
 
 FUSION_EPS = 1e-6
@@ -71,11 +71,12 @@ class SelfTeacher(nn.Module):
 
     def __init__(self, channels: Sequence[int], num_classes: int, width: int = 2, depth: int = 2):
         super().__init__()
-        channels = [int(c) for c in channels]
-        if len(channels) < 2 or min(channels) < 1:
-            raise ValueError(f"channels must list at least two positive stage widths, got {channels}")
-        if width < 1 or depth < 1 or num_classes < 1:
-            raise ValueError(f"width, depth and num_classes must be positive, got {width}, {depth}, {num_classes}")
+        if isinstance(channels, (str, bytes)) or not isinstance(channels, Sequence) or len(channels) < 2:
+            raise ValueError(f"channels must list at least two stage widths, got {channels!r}")
+        channels = [check_positive_int(f"channels[{index}]", c) for index, c in enumerate(channels)]
+        num_classes = check_positive_int("num_classes", num_classes)
+        width = check_positive_int("width", width)
+        depth = check_positive_int("depth", depth)
         wide = [c * width for c in channels]
         levels = len(channels)
         self.channels = tuple(channels)
@@ -99,8 +100,17 @@ class SelfTeacher(nn.Module):
         if len(features) != len(self.channels):
             raise ValueError(f"expected {len(self.channels)} stage features, got {len(features)}")
         for index, (feature, c) in enumerate(zip(features, self.channels)):
-            if feature.dim() != 4 or feature.shape[1] != c:
-                raise ValueError(f"feature {index} must be (N, {c}, H, W), got {tuple(feature.shape)}")
+            if not isinstance(feature, torch.Tensor) or feature.dim() != 4 or feature.shape[1] != c:
+                got = tuple(feature.shape) if isinstance(feature, torch.Tensor) else type(feature).__name__
+                raise ValueError(f"feature {index} must be (N, {c}, H, W), got {got}")
+        shapes = [tuple(f.shape) for f in features]
+        for index in range(1, len(features)):
+            # The bottom-up path pools stage i - 1 (3x3, stride 2, same padding) onto stage i.
+            halved = tuple(-(-size // 2) for size in shapes[index - 1][2:])
+            if shapes[index][0] != shapes[0][0] or shapes[index][2:] != halved:
+                raise ValueError(f"each stage feature must have the batch of the first and half the spatial size "
+                                 f"of the one before (rounded up): feature {index} should be (N={shapes[0][0]}, "
+                                 f"{self.channels[index]}, {halved[0]}, {halved[1]}), got stage shapes {shapes}")
         activated = [F.relu(f) for f in features]
         lateral = [proj(f) for proj, f in zip(self.lateral, activated)]
         lateral_up = [proj(f) for proj, f in zip(self.lateral_bottom_up, activated[1:])]
@@ -144,9 +154,8 @@ class FRSKDLoss(nn.Module):
 
     def __init__(self, alpha: float = 2.0, beta: float = 100.0, temperature: float = 4.0, backend: str = "auto"):
         super().__init__()
-        for name, value in (("alpha", alpha), ("beta", beta)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"{name} must be a non-negative finite number, got {value!r}")
+        alpha = check_non_negative_number("alpha", alpha)
+        beta = check_non_negative_number("beta", beta)
         temperature = check_positive_number("temperature", temperature)
         check_backend_name(backend)
         self.alpha = float(alpha)

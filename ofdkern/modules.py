@@ -160,6 +160,14 @@ class ChannelAlign(nn.Module):
         return reference.pointwise_conv(hidden, self.conv2.weight, self.conv2.bias)
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        # Named for the module's arguments: the weights' shapes would otherwise be what the op complains about.
+        for name, feature, channels in (("student", student, self.conv1.in_channels),
+                                        ("teacher", teacher, self.conv2.out_channels)):
+            check_tensor(name, feature, min_dim=2, max_dim=5)
+            if feature.shape[1] != channels:
+                raise ValueError(f"{name} must have {channels} channels on dim 1 (ChannelAlign"
+                                 f"({self.conv1.in_channels}, {self.conv2.out_channels})), got shape "
+                                 f"{tuple(feature.shape)}")
         return channel_align_loss(student, teacher, self.conv1.weight, self.conv1.bias, self.conv2.weight,
                                   self.conv2.bias, margin=self.margin, reduction=self.reduction,
                                   backend=self.backend)

@@ -1,6 +1,7 @@
 """Conventions every fused op shares: the reductions' counts and the (N, C, positions) view of features."""
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -54,3 +55,19 @@ def empty_like_positions(feature: torch.Tensor, dtype: torch.dtype | None = None
         step *= size
     return torch.empty_strided(feature.shape, (step, 1, *reversed(strides)), dtype=dtype or feature.dtype,
                                device=feature.device)
+
+
+def autocast_off(device: torch.device):
+    """The kernels and their ATen helpers run outside autocast: it would cast a GEMM's operands to half
+    precision (custom ops fall through autocast, so its state is still on inside them)."""
+    if device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def autocast_loss(loss: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Under autocast a loss comes out in float32 (at least), like autocast gives the losses of the reference
+    (mse_loss, log_softmax, kl_div run in float32 there); the kernels accumulated it in float32 anyway."""
+    if device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type):
+        return loss.to(torch.promote_types(loss.dtype, torch.float32))
+    return loss

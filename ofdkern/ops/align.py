@@ -25,7 +25,8 @@ from .._backends import Backend, register_op, resolve
 from .._dtypes import accumulation_dtype, result_dtype
 from .._validation import check_channel_align_args
 from ._autograd import refuse_double_backward, save_unit_gradients, scale_saved_gradient
-from ._common import as_positions, divide_by_count, empty_like_positions, gradient_scale, reduction_count
+from ._common import (as_positions, autocast_loss, autocast_off, divide_by_count, empty_like_positions,
+                      gradient_scale, reduction_count)
 
 # Pixels per chunk of the ATen path: the hidden activation of a chunk is CHUNK_PIXELS x hidden.
 CHUNK_PIXELS = 16384
@@ -143,20 +144,21 @@ def channel_align_fused(student: torch.Tensor, teacher: torch.Tensor, w1: torch.
     """Returns (loss, d/d student, d/d teacher, d/d w1, d/d b1, d/d w2, d/d b2) of the unit-weighted summed
     loss; w1 is (hidden, Cs) and w2 (Ct, hidden). Feature gradients are in the feature dtypes, weight gradients
     in the accumulation dtype; those not asked for are empty."""
-    loss_dtype = _loss_dtype(student, teacher, w1, b1, w2, b2, margin)
-    acc = accumulation_dtype(loss_dtype)
-    student3, teacher3 = as_positions(student), as_positions(teacher)
-    d_student = empty_like_positions(student) if grad_student else _empty(student, student.dtype)
-    d_teacher = empty_like_positions(teacher) if grad_teacher else _empty(teacher, teacher.dtype)
-    d_student3 = as_positions(d_student) if grad_student else None
-    d_teacher3 = as_positions(d_teacher) if grad_teacher else None
-    params = [p.to(acc).contiguous() for p in (w1, b1, w2, b2)]
-    margin_acc = None if margin is None else margin.reshape(-1).to(acc).contiguous()
-    kernel = _kernel(backend)
-    total, weight_grads = kernel(student3, teacher3, *params, margin_acc, d_student3, d_teacher3, grad_weights)
-    loss = divide_by_count(total, reduction_count(teacher.shape, reduction)).to(loss_dtype)
-    weights = weight_grads if grad_weights else [_empty(student, acc) for _ in range(4)]
-    return loss, d_student, d_teacher, *weights
+    with autocast_off(student.device):
+        loss_dtype = _loss_dtype(student, teacher, w1, b1, w2, b2, margin)
+        acc = accumulation_dtype(loss_dtype)
+        student3, teacher3 = as_positions(student), as_positions(teacher)
+        d_student = empty_like_positions(student) if grad_student else _empty(student, student.dtype)
+        d_teacher = empty_like_positions(teacher) if grad_teacher else _empty(teacher, teacher.dtype)
+        d_student3 = as_positions(d_student) if grad_student else None
+        d_teacher3 = as_positions(d_teacher) if grad_teacher else None
+        params = [p.to(acc).contiguous() for p in (w1, b1, w2, b2)]
+        margin_acc = None if margin is None else margin.reshape(-1).to(acc).contiguous()
+        kernel = _kernel(backend)
+        total, weight_grads = kernel(student3, teacher3, *params, margin_acc, d_student3, d_teacher3, grad_weights)
+        loss = divide_by_count(total, reduction_count(teacher.shape, reduction)).to(loss_dtype)
+        weights = weight_grads if grad_weights else [_empty(student, acc) for _ in range(4)]
+        return loss, d_student, d_teacher, *weights
 
 
 @channel_align_fused.register_fake
@@ -237,4 +239,4 @@ def channel_align_loss(student: torch.Tensor, teacher: torch.Tensor, w1: torch.T
         student, teacher, _as_matrix(w1), b1, _as_matrix(w2), b2, margin, reduction, backend,
         needs_grad and student.requires_grad, needs_grad and teacher.requires_grad,
         needs_grad and any(p.requires_grad for p in (w1, b1, w2, b2)), in_place_backward=True)
-    return loss
+    return autocast_loss(loss, student.device)

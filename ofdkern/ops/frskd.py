@@ -17,7 +17,8 @@ from .._backends import Backend, register_op, resolve
 from .._dtypes import accumulation_dtype, result_dtype
 from .._validation import check_attention_transfer_args, check_kd_args
 from ._autograd import refuse_double_backward, save_unit_gradients, scale_saved_gradient
-from ._common import as_positions, divide_by_count, gradient_scale, reduction_count
+from ._common import (as_positions, autocast_loss, autocast_off, divide_by_count, gradient_scale,
+                      reduction_count)
 
 _ATTENTION_KERNELS = ("ofdkern::attention_map", "ofdkern::attention_map_backward")
 ATTENTION_TRANSFER = register_op("attention_transfer_loss", cpu=Backend(_ATTENTION_KERNELS),
@@ -66,12 +67,13 @@ def attention_transfer_fused(f_student: torch.Tensor, f_teacher: torch.Tensor, p
                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (loss, d loss/d student map, d loss/d teacher map); the map gradients are for a unit upstream
     gradient without the reduction's scaling, as (N, positions) tensors in the accumulation dtypes."""
-    attention_map, _, _ = _kernels(backend)
-    map_student = attention_map(as_positions(f_student), p)
-    map_teacher = attention_map(as_positions(f_teacher), p)
-    total, grad_student, grad_teacher = _attention_transfer_on_maps(map_student, map_teacher)
-    loss = divide_by_count(total, reduction_count(map_student.shape, reduction))
-    return loss.to(result_dtype(f_student, f_teacher)), grad_student, grad_teacher
+    with autocast_off(f_student.device):
+        attention_map, _, _ = _kernels(backend)
+        map_student = attention_map(as_positions(f_student), p)
+        map_teacher = attention_map(as_positions(f_teacher), p)
+        total, grad_student, grad_teacher = _attention_transfer_on_maps(map_student, map_teacher)
+        loss = divide_by_count(total, reduction_count(map_student.shape, reduction))
+        return loss.to(result_dtype(f_student, f_teacher)), grad_student, grad_teacher
 
 
 @attention_transfer_fused.register_fake
@@ -88,8 +90,9 @@ def _(f_student, f_teacher, p, reduction, backend, in_place_backward):
 @torch.library.custom_op("ofdkern::attention_map_grad", mutates_args=())
 def attention_map_grad(feature: torch.Tensor, grad_map: torch.Tensor, p: float, backend: str) -> torch.Tensor:
     """d <grad_map, attention map of feature> / d feature: one more read of the feature."""
-    _, attention_map_backward, _ = _kernels(backend)
-    return attention_map_backward(as_positions(feature), grad_map.contiguous(), p).view(feature.shape)
+    with autocast_off(feature.device):
+        _, attention_map_backward, _ = _kernels(backend)
+        return attention_map_backward(as_positions(feature), grad_map.contiguous(), p).view(feature.shape)
 
 
 @attention_map_grad.register_fake
@@ -137,13 +140,14 @@ def kd_loss_fused(student: torch.Tensor, teacher: torch.Tensor, temperature: flo
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (loss, d sum(row losses)/d student, d sum(row losses)/d teacher); gradients not asked for are
     empty."""
-    dtype = result_dtype(student, teacher)
-    _, _, kd_fused = _kernels(backend)
-    row_loss, d_student, d_teacher = kd_fused(student.to(dtype).contiguous(), teacher.to(dtype).contiguous(),
-                                              temperature, grad_student, grad_teacher)
-    loss = row_loss if reduction == "none" else divide_by_count(row_loss.sum(),
-                                                                reduction_count(student.shape, reduction))
-    return loss.to(dtype), d_student, d_teacher
+    with autocast_off(student.device):
+        dtype = result_dtype(student, teacher)
+        _, _, kd_fused = _kernels(backend)
+        row_loss, d_student, d_teacher = kd_fused(student.to(dtype).contiguous(), teacher.to(dtype).contiguous(),
+                                                  temperature, grad_student, grad_teacher)
+        loss = row_loss if reduction == "none" else divide_by_count(row_loss.sum(),
+                                                                    reduction_count(student.shape, reduction))
+        return loss.to(dtype), d_student, d_teacher
 
 
 @kd_loss_fused.register_fake
@@ -209,7 +213,7 @@ def attention_transfer_loss(f_student: torch.Tensor, f_teacher: torch.Tensor, *,
         return reference.attention_transfer_loss(f_student, f_teacher, p, reduction)
     loss, *_ = attention_transfer_fused(f_student, f_teacher, p, reduction, backend,
                                         in_place_backward=True)
-    return loss
+    return autocast_loss(loss, f_student.device)
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: float = 4.0,
@@ -238,4 +242,4 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, tempe
     loss, *_ = kd_loss_fused(student_logits, teacher_logits, temperature, reduction, backend,
                              needs_grad and student_logits.requires_grad, needs_grad and teacher_logits.requires_grad,
                              in_place_backward=True)
-    return loss
+    return autocast_loss(loss, student_logits.device)

@@ -14,7 +14,7 @@ from .._backends import Backend, register_op, resolve
 from .._dtypes import result_dtype
 from .._validation import check_ofd_args
 from ._autograd import refuse_double_backward, save_unit_gradients, scale_saved_gradient
-from ._common import divide_by_count, gradient_scale, reduction_count
+from ._common import autocast_loss, autocast_off, divide_by_count, gradient_scale, reduction_count
 
 OFD = register_op("ofd_loss", cpu=Backend(("ofdkern::ofd_fused",)), cuda=Backend(("ofdkern::ofd_fused",)),
                   triton=Backend())
@@ -71,14 +71,15 @@ def ofd_loss_fused(student: torch.Tensor, teacher: torch.Tensor, margin: torch.T
     """Returns (loss, d loss/d student, d loss/d teacher, per-element d loss/d margin) for a unit upstream
     gradient and no reduction scaling; gradients not asked for are empty. ``in_place_backward``: the caller
     drops the gradient outputs, so the backward may scale them in place (ops/_autograd.py)."""
-    student_p, teacher_p, margin_p, out_dtype = _prepare(student, teacher, margin)
-    elementwise = reduction == "none"
-    loss, d_student, d_teacher, d_margin = _fused_kernel(backend)(
-        student_p, teacher_p, margin_p, elementwise, grad_student, grad_teacher, grad_margin)
-    if not elementwise:
-        # Fixed-order sum of the kernel's partials, then the reduction's count (0/0 = nan like the reference).
-        loss = divide_by_count(loss.sum(), reduction_count(student.shape, reduction))
-    return loss.to(out_dtype), d_student, d_teacher, d_margin
+    with autocast_off(student.device):
+        student_p, teacher_p, margin_p, out_dtype = _prepare(student, teacher, margin)
+        elementwise = reduction == "none"
+        loss, d_student, d_teacher, d_margin = _fused_kernel(backend)(
+            student_p, teacher_p, margin_p, elementwise, grad_student, grad_teacher, grad_margin)
+        if not elementwise:
+            # Fixed-order sum of the kernel's partials, then the reduction's count (0/0 = nan like the reference).
+            loss = divide_by_count(loss.sum(), reduction_count(student.shape, reduction))
+        return loss.to(out_dtype), d_student, d_teacher, d_margin
 
 
 @ofd_loss_fused.register_fake
@@ -158,4 +159,4 @@ def ofd_loss(student: torch.Tensor, teacher: torch.Tensor, margin: torch.Tensor,
                               needs_grad and student.requires_grad,
                               needs_grad and teacher.requires_grad,
                               needs_grad and margin.requires_grad, in_place_backward=True)
-    return loss
+    return autocast_loss(loss, student.device)

@@ -1,0 +1,164 @@
+"""What every fused op owes its users, checked the same way on every op and every backend that runs it here:
+parity with the reference (as accurate as eager), NaN/Inf like the reference, layouts, mixed dtypes, empty
+inputs, autocast, determinism across thread counts, double backward refused, opcheck, torch.compile of a
+training step, and a device other than the current one."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import DEVICES, assert_same_bits_with_one_thread, backends_for
+from op_cases import CASES, FLOAT_DTYPES, KD
+from parity import assert_parity
+
+
+def _cases(dtypes=(None,), layouts=False):
+    params = []
+    for case in CASES:
+        for device in DEVICES:
+            for backend in backends_for(device, case.op):
+                for dtype in dtypes:
+                    for layout in (case.layouts if layouts else (None,)):
+                        marks = [pytest.mark.gpu] if device == "cuda" else []
+                        parts = [case.id, backend, device] + ([str(dtype)[6:]] if dtype else []) + (
+                            [layout] if layout else [])
+                        params.append(pytest.param(case, device, backend, dtype, layout, marks=marks,
+                                                   id="-".join(parts)))
+    return params
+
+
+@pytest.mark.parametrize("case,device,backend,dtype,layout", _cases(FLOAT_DTYPES, layouts=True))
+def test_parity_with_the_reference(case, device, backend, dtype, layout):
+    assert_parity(case.fused(backend), case.reference, case.make(device, dtype, layout=layout), names=case.names)
+
+
+@pytest.mark.parametrize("case,device,backend,dtype,layout", _cases())
+def test_every_reduction(case, device, backend, dtype, layout):
+    for reduction in case.reductions:
+        assert_parity(case.fused(backend, reduction=reduction),
+                      lambda *xs: case.reference(*xs, reduction=reduction),
+                      case.make(device, torch.float64, seed=1), names=case.names)
+
+
+@pytest.mark.parametrize("case,device,backend,dtype,layout", _cases((torch.float32, torch.bfloat16)))
+def test_nan_and_inf_follow_the_reference(case, device, backend, dtype, layout):
+    inputs = case.plant_special(case.make(device, dtype))
+    assert_parity(case.fused(backend), case.reference, inputs, names=case.names)
+
+
+@pytest.mark.parametrize("case,device,backend,dtype,layout",
+                         [p for p in _cases() if p.values[0] is not KD])
+def test_feature_ranks_and_5d_channels_last(case, device, backend, dtype, layout):
+    for spatial, layout in (((), "contiguous"), ((5,), "contiguous"), ((2, 3, 2), "contiguous"),
+                            ((2, 3, 2), "channels_last")):
+        assert_parity(case.fused(backend), case.reference, case.make(device, torch.float64, spatial=spatial,
+                                                                     layout=layout), names=case.names)
+
+
+@pytest.mark.parametrize("case,device,backend,dtype,layout", _cases())
+def test_mixed_input_dtypes(case, device, backend, dtype, layout):
+    # The first two inputs (student and teacher features or logits) in every pair of dtypes.
+    for student_dtype in FLOAT_DTYPES:
+        for teacher_dtype in FLOAT_DTYPES:
+            if student_dtype == teacher_dtype:
+                continue
+            inputs = case.make(device, torch.float32)
+            inputs[0] = inputs[0].detach().to(student_dtype).requires_grad_()
+            inputs[1] = inputs[1].detach().to(teacher_dtype).requires_grad_(inputs[1].requires_grad)
+            assert_parity(case.fused(backend), case.reference, inputs, names=case.names)
+
+
+@pytest.mark.parametrize("case,device,backend,dtype,layout", _cases())
+def test_empty_batch(case, device, backend, dtype, layout):
+    for reduction in case.reductions:
+        inputs = case.make(device, torch.float32, batch=0)
+        loss = case.fused(backend, reduction=reduction)(*inputs)
+        try:
+            expected = case.reference(*inputs, reduction=reduction)
+        except RuntimeError:  # attention transfer's reference cannot view an empty batch: a sum of nothing
+            expected = {"sum": torch.tensor(0.0), "mean": torch.tensor(float("nan")),
+                        "batchmean": torch.tensor(float("nan"))}[reduction]
+        torch.testing.assert_close(loss.cpu(), expected.to(loss.dtype).cpu(), equal_nan=True)
+        wanted = [x for x in inputs if x.requires_grad]
+        grads = torch.autograd.grad(loss.sum(), wanted)
+        for x, grad in zip(wanted, grads):
+            # Features get empty gradients; weights summed over no pixel get exactly 0.
+            assert grad.shape == x.shape and grad.dtype == x.dtype
+            assert torch.equal(grad, torch.zeros_like(x)), (reduction, grad)
+
+
+@pytest.mark.parametrize("case,device,backend,dtype,layout", _cases())
+def test_double_backward_is_refused(case, device, backend, dtype, layout):
+    inputs = case.make(device, torch.float32)
+    loss = case.fused(backend)(*inputs)
+    wanted = [x for x in inputs if x.requires_grad]
+    with pytest.raises(RuntimeError, match=f"ofdkern.{case.op}: the fused backends do not support double backward"):
+        torch.autograd.grad(loss.sum(), wanted, create_graph=True)
+
+
+@pytest.mark.parametrize("case,device,backend,dtype,layout", [p for p in _cases() if p.values[2] == "cpu"])
+def test_same_bits_on_one_and_two_threads(case, device, backend, dtype, layout):
+    # Large enough that the CPU kernels split the work into several parallel pieces.
+    spatial = (256,) if case is not KD else None
+    inputs = case.make(device, torch.float32, spatial=spatial, batch=32) if spatial else case.make(
+        device, torch.float32, batch=16, classes=5000)
+
+    def run():
+        loss = case.fused(backend)(*inputs)
+        return (loss, *torch.autograd.grad(loss, [x for x in inputs if x.requires_grad]))
+
+    assert_same_bits_with_one_thread(run)
+
+
+@pytest.mark.parametrize("case,device,backend,dtype,layout", _cases())
+def test_opcheck(case, device, backend, dtype, layout):
+    op, args = case.opcheck(case.make(device, torch.float32), backend)
+    torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("case,device,backend,dtype,layout", _cases())
+def test_compiled_training_step_matches_eager(case, device, backend, dtype, layout):
+    torch._dynamo.reset()
+    fused = case.fused(backend)
+
+    def step(*inputs):
+        return 3 * fused(*inputs) + 1  # the loss within other ops of the step's graph
+
+    eager_inputs = case.make(device, torch.float32)
+    compiled_inputs = case.make(device, torch.float32)
+    eager_loss = step(*eager_inputs)
+    eager_loss.backward()
+    # fullgraph: no graph break anywhere in the op's Python layer; aot_eager traces its backward graph too,
+    # which backward() then runs.
+    compiled_loss = torch.compile(step, backend="aot_eager", fullgraph=True)(*compiled_inputs)
+    compiled_loss.backward()
+    torch.testing.assert_close(compiled_loss, eager_loss)
+    for a, b in zip(compiled_inputs, eager_inputs):
+        if b.requires_grad:
+            torch.testing.assert_close(a.grad, b.grad)
+
+
+@pytest.mark.parametrize("case,device,backend,dtype,layout", [p for p in _cases() if p.values[1] == "cpu"])
+def test_autocast(case, device, backend, dtype, layout):
+    # Under bfloat16 autocast the features come out of autocast regions in bfloat16. The fused op takes them as
+    # they are (its GEMMs are not cast down), returns the loss in float32 and gradients in the inputs' dtypes.
+    inputs = case.make(device, torch.float32)
+    features = [x.detach().to(torch.bfloat16).requires_grad_(x.requires_grad) for x in inputs[:2]]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = case.fused(backend)(*features, *inputs[2:])
+        expected = case.reference(*features, *inputs[2:])
+    assert fused.dtype == torch.float32
+    torch.testing.assert_close(fused, expected.float(), rtol=2e-2, atol=2e-2 * expected.abs().max().item())
+    wanted = [x for x in features + inputs[2:] if x.requires_grad]
+    for x, grad in zip(wanted, torch.autograd.grad(fused, wanted)):
+        assert grad.dtype == x.dtype
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case,device,backend,dtype,layout", [p for p in _cases() if p.values[1] == "cuda"])
+def test_tensors_on_a_device_other_than_the_current_one(case, device, backend, dtype, layout):
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs: the kernels must launch on the tensors' device, not the current one")
+    with torch.cuda.device(0):
+        inputs = case.make("cuda:1", torch.float32)
+        assert_parity(case.fused(backend), case.reference, inputs, names=case.names)
