@@ -34,14 +34,26 @@ def check_reduction(reduction, allowed: tuple[str, ...] = REDUCTIONS) -> None:
         raise ValueError(f"reduction must be one of {allowed}, got {reduction!r}")
 
 
+def check_pair(names: tuple[str, str], first, second, *, min_dim: int, max_dim: int,
+               channels_may_differ: bool = False, hint: str = "") -> None:
+    """A student and a teacher tensor: each floating point with ``min_dim`` to ``max_dim`` dims, and of one
+    shape, or (``channels_may_differ``) of the same batch and spatial sizes."""
+    for name, tensor in zip(names, (first, second)):
+        check_tensor(name, tensor, min_dim=min_dim, max_dim=max_dim)
+    if channels_may_differ:
+        same, what = first.shape[:1] + first.shape[2:] == second.shape[:1] + second.shape[2:], (
+            "the same batch and spatial sizes (channels may differ)")
+    else:
+        same, what = first.shape == second.shape, "the same shape"
+    if not same:
+        raise ValueError(f"{names[0]} and {names[1]} must have {what}, got {names[0]} {tuple(first.shape)} and "
+                         f"{names[1]} {tuple(second.shape)}{hint}")
+
+
 def check_ofd_args(student, teacher, margin, reduction) -> None:
     """Features of 2 to 5 dims with channels on dim 1, identical shapes, a per-channel margin."""
-    check_tensor("student", student, min_dim=2, max_dim=5)
-    check_tensor("teacher", teacher, min_dim=2, max_dim=5)
-    if student.shape != teacher.shape:
-        raise ValueError(
-            f"student and teacher must have the same shape, got student {tuple(student.shape)} and "
-            f"teacher {tuple(teacher.shape)} (apply the connector to the student first)")
+    check_pair(("student", "teacher"), student, teacher, min_dim=2, max_dim=5,
+               hint=" (apply the connector to the student first)")
     check_tensor("margin", margin)
     channels = student.shape[1]
     per_channel = (channels,)
@@ -95,12 +107,7 @@ def check_non_negative_number(name: str, value) -> float:
 def check_attention_transfer_args(f_student, f_teacher, p, reduction) -> float:
     """Features of 2 to 5 dims, channels on dim 1 (they may differ: the maps average them out), equal batch
     and spatial sizes. Returns p as a float."""
-    check_tensor("f_student", f_student, min_dim=2, max_dim=5)
-    check_tensor("f_teacher", f_teacher, min_dim=2, max_dim=5)
-    if f_student.shape[:1] + f_student.shape[2:] != f_teacher.shape[:1] + f_teacher.shape[2:]:
-        raise ValueError(
-            f"f_student and f_teacher must have the same batch and spatial sizes (channels may differ), got "
-            f"f_student {tuple(f_student.shape)} and f_teacher {tuple(f_teacher.shape)}")
+    check_pair(("f_student", "f_teacher"), f_student, f_teacher, min_dim=2, max_dim=5, channels_may_differ=True)
     p = check_positive_number("p", p)
     check_same_device(f_student=f_student, f_teacher=f_teacher)
     check_reduction(reduction, AT_REDUCTIONS)
@@ -109,12 +116,7 @@ def check_attention_transfer_args(f_student, f_teacher, p, reduction) -> float:
 
 def check_kd_args(student_logits, teacher_logits, temperature, reduction) -> float:
     """(N, K) logits of the same shape, a positive temperature (returned as a float)."""
-    check_tensor("student_logits", student_logits, min_dim=2, max_dim=2)
-    check_tensor("teacher_logits", teacher_logits, min_dim=2, max_dim=2)
-    if student_logits.shape != teacher_logits.shape:
-        raise ValueError(
-            f"student_logits and teacher_logits must have the same shape (N, K), got "
-            f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}")
+    check_pair(("student_logits", "teacher_logits"), student_logits, teacher_logits, min_dim=2, max_dim=2)
     temperature = check_positive_number("temperature", temperature)
     check_same_device(student_logits=student_logits, teacher_logits=teacher_logits)
     check_reduction(reduction)
@@ -136,12 +138,7 @@ def check_pointwise_weight(name: str, weight, out_channels: int | None, in_chann
 def check_channel_align_args(student, teacher, w1, b1, w2, b2, margin, reduction) -> None:
     """(N, Cs, ...) student and (N, Ct, ...) teacher of equal batch and spatial sizes, an MLP
     Cs -> hidden -> Ct, an optional per-channel margin of the teacher."""
-    check_tensor("student", student, min_dim=2, max_dim=5)
-    check_tensor("teacher", teacher, min_dim=2, max_dim=5)
-    if student.shape[:1] + student.shape[2:] != teacher.shape[:1] + teacher.shape[2:]:
-        raise ValueError(
-            f"student and teacher must have the same batch and spatial sizes (channels may differ), got "
-            f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)}")
+    check_pair(("student", "teacher"), student, teacher, min_dim=2, max_dim=5, channels_may_differ=True)
     s_channels, t_channels = student.shape[1], teacher.shape[1]
     hidden = check_pointwise_weight("w1", w1, None, s_channels)
     check_pointwise_weight("w2", w2, t_channels, hidden)

@@ -14,6 +14,7 @@ import torch
 
 from .._backends import has_kernel
 from .._dtypes import accumulation_dtype
+from ._common import gradient_scale
 
 # Whether the extension can allocate CPU outputs on transparent huge pages (csrc/cpu_buffers.h).
 HUGEPAGE_BUFFERS = has_kernel("cpu", "ofdkern::empty_like_hugepage")
@@ -24,12 +25,38 @@ if _CUDA_SCALE:
     torch.library.register_fake("ofdkern::scale_")(lambda gradient, factor: None)
 
 
-def save_unit_gradients(ctx, *gradients: torch.Tensor) -> None:
-    """Saves the forward's gradient buffers for the backward. They are marked non-differentiable outputs:
-    saved differentiable outputs come back from ``ctx.saved_tensors`` attached to the op's graph node, and the
-    gradients built from them would hand the user tensors that require grad and keep the graph alive."""
+def setup_scaled_backward(ctx, gradients, *, backend: str, in_place_backward: bool, count: int | None,
+                          dtypes, keep=()) -> None:
+    """The ``setup_context`` of every fused op. Saves the forward's unit ``gradients`` and the inputs the
+    backward reads again (``keep``), and what ``backward_scale`` and ``input_gradient`` need: the backend, the
+    in-place permission, the reduction's ``count`` (None: an unreduced loss, scaled by the per-element upstream
+    gradient) and the dtype each gradient is returned in.
+
+    The gradients are marked non-differentiable outputs: saved differentiable outputs come back from
+    ``ctx.saved_tensors`` attached to the op's graph node, and the gradients built from them would hand the
+    user tensors that require grad and keep the graph alive."""
     ctx.mark_non_differentiable(*gradients)
-    ctx.save_for_backward(*gradients)
+    ctx.save_for_backward(*gradients, *keep)
+    ctx.backend = backend
+    ctx.in_place_backward = in_place_backward
+    ctx.count = count
+    ctx.dtypes = tuple(dtypes)
+    ctx.set_materialize_grads(False)
+
+
+def backward_scale(ctx, grad_loss: torch.Tensor | None, op_name: str) -> torch.Tensor | None:
+    """Starts every fused op's backward: refuses double backward, and returns what the saved unit gradients
+    are multiplied by (a 0-dim device tensor for reduced losses: no host sync), or None when no gradient
+    flows."""
+    refuse_double_backward(op_name)
+    if grad_loss is None:
+        return None
+    return grad_loss if ctx.count is None else gradient_scale(grad_loss, ctx.count)
+
+
+def input_gradient(ctx, index: int, buffer: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The gradient ``buffer * scale`` in the dtype saved for it (``setup_scaled_backward``)."""
+    return scale_saved_gradient(buffer, scale, ctx.dtypes[index], ctx.backend, ctx.in_place_backward)
 
 
 def refuse_double_backward(op_name: str) -> None:

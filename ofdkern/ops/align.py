@@ -24,9 +24,9 @@ from .. import reference
 from .._backends import Backend, register_op, resolve
 from .._dtypes import accumulation_dtype, result_dtype
 from .._validation import check_channel_align_args
-from ._autograd import refuse_double_backward, save_unit_gradients, scale_saved_gradient
+from ._autograd import backward_scale, input_gradient, setup_scaled_backward
 from ._common import (as_positions, autocast_loss, autocast_off, divide_by_count, empty_like_positions,
-                      gradient_scale, reduction_count)
+                      reduction_count)
 
 # Pixels per chunk of the ATen path: the hidden activation of a chunk is CHUNK_PIXELS x hidden.
 CHUNK_PIXELS = 16384
@@ -175,23 +175,19 @@ def _(student, teacher, w1, b1, w2, b2, margin, reduction, backend, grad_student
 
 def _setup_context(ctx, inputs, output):
     student, teacher, w1, b1, w2, b2, _margin, reduction, backend, *_wanted, in_place_backward = inputs
-    save_unit_gradients(ctx, *output[1:])
-    ctx.count = reduction_count(teacher.shape, reduction)
-    ctx.dtypes = [x.dtype for x in (student, teacher, w1, b1, w2, b2)]
-    ctx.backend = backend
-    ctx.in_place_backward = in_place_backward
-    ctx.set_materialize_grads(False)
+    setup_scaled_backward(ctx, output[1:], backend=backend, in_place_backward=in_place_backward,
+                          count=reduction_count(teacher.shape, reduction),
+                          dtypes=[x.dtype for x in (student, teacher, w1, b1, w2, b2)])
 
 
 def _backward(ctx, grad_loss, *_unused):
-    refuse_double_backward(ALIGN.name)
     grads = [None] * 13
-    if grad_loss is None:
+    scale = backward_scale(ctx, grad_loss, ALIGN.name)
+    if scale is None:
         return tuple(grads)
-    scale = gradient_scale(grad_loss, ctx.count)  # 0-dim: stays on device
-    for index, (buffer, dtype) in enumerate(zip(ctx.saved_tensors, ctx.dtypes)):
+    for index, buffer in enumerate(ctx.saved_tensors):
         if ctx.needs_input_grad[index]:
-            grads[index] = scale_saved_gradient(buffer, scale, dtype, ctx.backend, ctx.in_place_backward)
+            grads[index] = input_gradient(ctx, index, buffer, scale)
     return tuple(grads)
 
 

@@ -16,9 +16,8 @@ from .. import reference
 from .._backends import Backend, register_op, resolve
 from .._dtypes import accumulation_dtype, result_dtype
 from .._validation import check_attention_transfer_args, check_kd_args
-from ._autograd import refuse_double_backward, save_unit_gradients, scale_saved_gradient
-from ._common import (as_positions, autocast_loss, autocast_off, divide_by_count, gradient_scale,
-                      reduction_count)
+from ._autograd import backward_scale, input_gradient, setup_scaled_backward
+from ._common import as_positions, autocast_loss, autocast_off, divide_by_count, reduction_count
 
 _ATTENTION_KERNELS = ("ofdkern::attention_map", "ofdkern::attention_map_backward")
 ATTENTION_TRANSFER = register_op("attention_transfer_loss", cpu=Backend(_ATTENTION_KERNELS),
@@ -104,30 +103,24 @@ def _(feature, grad_map, p, backend):
 
 def _attention_setup_context(ctx, inputs, output):
     f_student, f_teacher, p, reduction, backend, in_place_backward = inputs
-    _, grad_map_student, grad_map_teacher = output
-    # The map gradients are constants to autograd, like every op's saved unit gradients (save_unit_gradients).
-    ctx.mark_non_differentiable(grad_map_student, grad_map_teacher)
-    ctx.save_for_backward(f_student, f_teacher, grad_map_student, grad_map_teacher)
+    maps = output[1:]
+    setup_scaled_backward(ctx, maps, backend=backend, in_place_backward=in_place_backward,
+                          count=reduction_count(maps[0].shape, reduction), dtypes=[m.dtype for m in maps],
+                          keep=(f_student, f_teacher))
     ctx.p = p
-    ctx.backend = backend
-    ctx.count = reduction_count(grad_map_student.shape, reduction)
-    ctx.in_place_backward = in_place_backward
-    ctx.set_materialize_grads(False)
 
 
 def _attention_backward(ctx, grad_loss, *_unused):
-    refuse_double_backward(ATTENTION_TRANSFER.name)
     grads = [None] * 6
-    if grad_loss is None:
+    scale = backward_scale(ctx, grad_loss, ATTENTION_TRANSFER.name)
+    if scale is None:
         return tuple(grads)
-    f_student, f_teacher, grad_map_student, grad_map_teacher = ctx.saved_tensors
-    scale = gradient_scale(grad_loss, ctx.count)  # 0-dim: stays on device
-    for index, (feature, grad_map) in enumerate(((f_student, grad_map_student), (f_teacher, grad_map_teacher))):
+    *grad_maps, f_student, f_teacher = ctx.saved_tensors
+    for index, (feature, grad_map) in enumerate(zip((f_student, f_teacher), grad_maps)):
         if ctx.needs_input_grad[index]:
             # The (N, positions) map gradient is scaled; the feature gradient is then written once.
-            scaled_map = scale_saved_gradient(grad_map, scale, grad_map.dtype, ctx.backend,
-                                              ctx.in_place_backward)
-            grads[index] = attention_map_grad(feature, scaled_map, ctx.p, ctx.backend)
+            grads[index] = attention_map_grad(feature, input_gradient(ctx, index, grad_map, scale), ctx.p,
+                                              ctx.backend)
     return tuple(grads)
 
 
@@ -163,26 +156,21 @@ def _(student, teacher, temperature, reduction, backend, grad_student, grad_teac
 
 def _kd_setup_context(ctx, inputs, output):
     student, teacher, _temperature, reduction, backend, *_wanted, in_place_backward = inputs
-    save_unit_gradients(ctx, *output[1:])
-    ctx.reduction = reduction
-    ctx.backend = backend
-    ctx.in_place_backward = in_place_backward
-    ctx.count = reduction_count(student.shape, reduction)
-    ctx.dtypes = (student.dtype, teacher.dtype)
-    ctx.set_materialize_grads(False)
+    count = None if reduction == "none" else reduction_count(student.shape, reduction)
+    setup_scaled_backward(ctx, output[1:], backend=backend, in_place_backward=in_place_backward, count=count,
+                          dtypes=(student.dtype, teacher.dtype))
 
 
 def _kd_backward(ctx, grad_loss, *_unused):
-    refuse_double_backward(KD.name)
     grads = [None] * 8
-    if grad_loss is None:
+    scale = backward_scale(ctx, grad_loss, KD.name)
+    if scale is None:
         return tuple(grads)
-    d_student, d_teacher = ctx.saved_tensors
-    # "none": one upstream gradient per row; otherwise a 0-dim scale (no host sync).
-    scale = grad_loss.unsqueeze(1) if ctx.reduction == "none" else gradient_scale(grad_loss, ctx.count)
-    for index, grad in enumerate((d_student, d_teacher)):
+    if ctx.count is None:
+        scale = scale.unsqueeze(1)  # "none": one upstream gradient per row
+    for index, buffer in enumerate(ctx.saved_tensors):
         if ctx.needs_input_grad[index]:
-            grads[index] = scale_saved_gradient(grad, scale, ctx.dtypes[index], ctx.backend, ctx.in_place_backward)
+            grads[index] = input_gradient(ctx, index, buffer, scale)
     return tuple(grads)
 
 

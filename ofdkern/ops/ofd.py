@@ -13,8 +13,8 @@ from .. import reference
 from .._backends import Backend, register_op, resolve
 from .._dtypes import result_dtype
 from .._validation import check_ofd_args
-from ._autograd import refuse_double_backward, save_unit_gradients, scale_saved_gradient
-from ._common import autocast_loss, autocast_off, divide_by_count, gradient_scale, reduction_count
+from ._autograd import backward_scale, input_gradient, setup_scaled_backward
+from ._common import autocast_loss, autocast_off, divide_by_count, reduction_count
 
 OFD = register_op("ofd_loss", cpu=Backend(("ofdkern::ofd_fused",)), cuda=Backend(("ofdkern::ofd_fused",)),
                   triton=Backend())
@@ -99,33 +99,25 @@ def _(student, teacher, margin, reduction, backend, grad_student, grad_teacher, 
 
 def _setup_context(ctx, inputs, output):
     student, teacher, margin, reduction, backend, *_wanted, in_place_backward = inputs
-    save_unit_gradients(ctx, *output[1:])
-    ctx.backend = backend
-    ctx.in_place_backward = in_place_backward
-    ctx.reduction = reduction
-    ctx.count = reduction_count(student.shape, reduction)
-    ctx.dtypes = (student.dtype, teacher.dtype, margin.dtype)
+    count = None if reduction == "none" else reduction_count(student.shape, reduction)
+    setup_scaled_backward(ctx, output[1:], backend=backend, in_place_backward=in_place_backward, count=count,
+                          dtypes=(student.dtype, teacher.dtype, margin.dtype))
     ctx.margin_shape = margin.shape
-    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_loss, *_unused):
-    refuse_double_backward(OFD.name)
-    d_student, d_teacher, d_margin = ctx.saved_tensors
     grads = [None] * 9
-    if grad_loss is None:
+    scale = backward_scale(ctx, grad_loss, OFD.name)
+    if scale is None:
         return tuple(grads)
-    # Reductions: a 0-dim scale (stays on device). "none": the per-element upstream gradient.
-    scale = grad_loss if ctx.reduction == "none" else gradient_scale(grad_loss, ctx.count)
-    student_dtype, teacher_dtype, margin_dtype = ctx.dtypes
-    if ctx.needs_input_grad[0]:
-        grads[0] = scale_saved_gradient(d_student, scale, student_dtype, ctx.backend, ctx.in_place_backward)
-    if ctx.needs_input_grad[1]:
-        grads[1] = scale_saved_gradient(d_teacher, scale, teacher_dtype, ctx.backend, ctx.in_place_backward)
+    d_student, d_teacher, d_margin = ctx.saved_tensors
+    for index, buffer in ((0, d_student), (1, d_teacher)):
+        if ctx.needs_input_grad[index]:
+            grads[index] = input_gradient(ctx, index, buffer, scale)
     if ctx.needs_input_grad[2]:
         channel_sum_dims = [d for d in range(d_margin.dim()) if d != 1]
         per_channel = (d_margin * scale).sum(dim=channel_sum_dims)
-        grads[2] = per_channel.reshape(ctx.margin_shape).to(margin_dtype)
+        grads[2] = per_channel.reshape(ctx.margin_shape).to(ctx.dtypes[2])
     return tuple(grads)
 
 
