@@ -1,5 +1,4 @@
-"""Triton kernel of the fused channel-wise alignment loss, with the contract of ``chunked_align`` in
-ofdkern/ops/align.py (same arguments and results).
+"""Triton kernel of the fused channel-wise alignment loss, with the contract of the C++ op (csrc/align_fused.h).
 
 A fixed number of programs each walk every ``num_programs``-th tile of BLOCK_P pixels. Per tile: load the
 student pixels (BLOCK_P x Cs), ``h = relu(x W1^T + b1)`` and ``y = h W2^T + b2`` with tl.dot, the loss terms and
@@ -17,7 +16,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_helpers import launch, ofd_point, relu, relu_backward, stored_as, teacher_share
+from .._layout import as_positions, walks_in_place
+from .triton_helpers import (accumulation_dtype, check_dense, check_dtype, check_same_device, check_shape, launch,
+                             ofd_point, relu, relu_backward, stored_as, teacher_share)
 
 _INTERPRETED_PROGRAMS = 3  # few programs under the interpreter, each looping over several tiles
 _PROGRAMS_PER_SM = 2
@@ -118,29 +119,72 @@ def _program_count(device: torch.device, tiles: int) -> int:
     return max(1, min(tiles, limit))
 
 
-def align_fused_triton(student3, teacher3, w1, b1, w2, b2, margin, d_student3, d_teacher3, grad_weights: bool):
-    """See ``chunked_align``: (N, C, positions) features of any strides, contiguous weights, biases and margin
-    in the accumulation dtype."""
-    acc = w1.dtype
+def _check_contract(student, teacher, w1, b1, w2, b2, margin) -> None:
+    """The contract of csrc/align_fused.h, checked: the Python layer gave the user a clear error already, these
+    guard direct calls (the kernel would read and write out of bounds)."""
+    op = "align_fused_triton"
+    for name, feature in (("student", student), ("teacher", teacher)):
+        if not 2 <= feature.dim() <= 5 or not feature.is_floating_point():
+            raise ValueError(f"{op}: {name} must be a floating-point tensor of 2 to 5 dims, got {feature.dtype} "
+                             f"{tuple(feature.shape)}")
+        if not walks_in_place(feature):
+            raise ValueError(f"{op}: {name} must be contiguous or channels_last, got strides {feature.stride()}")
+    if student.shape[:1] + student.shape[2:] != teacher.shape[:1] + teacher.shape[2:]:
+        raise ValueError(f"{op}: student {tuple(student.shape)} and teacher {tuple(teacher.shape)} must have the "
+                         f"same batch and spatial sizes")
+    if w1.dim() != 2 or not w1.is_floating_point():
+        raise ValueError(f"{op}: w1 must be a floating-point (hidden, {student.shape[1]}) matrix, got "
+                         f"{w1.dtype} {tuple(w1.shape)}")
+    hidden = w1.shape[0]
+    for name, weight, shape in (("w1", w1, (hidden, student.shape[1])), ("b1", b1, (hidden,)),
+                                ("w2", w2, (teacher.shape[1], hidden)), ("b2", b2, (teacher.shape[1],))):
+        check_shape(op, name, weight, shape)
+        check_dtype(op, name, weight, w1.dtype)
+        check_dense(op, name, weight)
+    tensors = dict(student=student, teacher=teacher, w1=w1, b1=b1, w2=w2, b2=b2)
+    if margin is not None:
+        check_shape(op, "margin", margin, (teacher.shape[1],))
+        check_dtype(op, "margin", margin, accumulation_dtype(w1.dtype))
+        check_dense(op, "margin", margin)
+        tensors["margin"] = margin
+    check_same_device(op, **tensors)
+
+
+def align_fused_triton(student, teacher, w1, b1, w2, b2, margin, grad_student: bool, grad_teacher: bool,
+                       grad_weights: bool):
+    """The fused op with the contract of csrc/align_fused.h: (loss, grad_student, grad_teacher, grad_w1,
+    grad_b1, grad_w2, grad_b2)."""
+    _check_contract(student, teacher, w1, b1, w2, b2, margin)
+    # Cast once here: the kernel computes in the accumulation dtype and never converts a weight itself.
+    acc = accumulation_dtype(w1.dtype)
+    w1, b1, w2, b2 = (p.to(acc) for p in (w1, b1, w2, b2))
+    student3, teacher3 = as_positions(student), as_positions(teacher)
     batch, s_channels, positions = student3.shape
     hidden, t_channels = w1.shape[0], w2.shape[0]
     pixels = batch * positions
+
+    def feature_grad(wanted, feature):
+        if not wanted:
+            return feature.new_empty((0,))
+        return torch.empty_strided(feature.shape, feature.stride(), dtype=feature.dtype, device=feature.device)
+
+    d_student, d_teacher = feature_grad(grad_student, student), feature_grad(grad_teacher, teacher)
     # Shared memory of a tile grows with the pixels it holds (see TRITON_MAX_CHANNELS in ofdkern/ops/align.py).
-    block_p = 64 if student3.is_cuda and acc == torch.float32 else 16
-    programs = _program_count(student3.device, triton.cdiv(pixels, block_p))
+    block_p = 64 if student.is_cuda and acc == torch.float32 else 16
+    programs = _program_count(student.device, triton.cdiv(pixels, block_p))
     new = w1.new_zeros
     loss_part = new((programs,))
     parts = [new((programs, *p.shape)) for p in (w1, b1, w2, b2)] if grad_weights else [loss_part] * 4
     if pixels > 0:
         # Buffers that are not asked for get a pointer the kernel never touches.
-        d_student = d_student3 if d_student3 is not None else student3
-        d_teacher = d_teacher3 if d_teacher3 is not None else teacher3
+        d_student3 = as_positions(d_student) if grad_student else student3
+        d_teacher3 = as_positions(d_teacher) if grad_teacher else teacher3
         launch(_align_kernel, (programs,),
-               student3, teacher3, w1, b1, w2, b2, margin if margin is not None else b2, d_student, d_teacher,
+               student3, teacher3, w1, b1, w2, b2, margin if margin is not None else b2, d_student3, d_teacher3,
                loss_part, *parts, positions, pixels, s_channels, hidden, t_channels,
-               *student3.stride(), *teacher3.stride(), *d_student.stride(), *d_teacher.stride(),
-               device=student3.device, BLOCK_P=block_p, BLOCK_CS=_block(s_channels), BLOCK_H=_block(hidden),
-               BLOCK_CT=_block(t_channels), HAS_MARGIN=margin is not None, GRAD_STUDENT=d_student3 is not None,
-               GRAD_TEACHER=d_teacher3 is not None, GRAD_WEIGHTS=grad_weights)
-    weight_grads = [part.sum(0) for part in parts] if grad_weights else None
-    return loss_part.sum(), weight_grads
+               *student3.stride(), *teacher3.stride(), *d_student3.stride(), *d_teacher3.stride(),
+               device=student.device, BLOCK_P=block_p, BLOCK_CS=_block(s_channels), BLOCK_H=_block(hidden),
+               BLOCK_CT=_block(t_channels), HAS_MARGIN=margin is not None, GRAD_STUDENT=grad_student,
+               GRAD_TEACHER=grad_teacher, GRAD_WEIGHTS=grad_weights)
+    weight_grads = [part.sum(0) for part in parts] if grad_weights else [w1.new_empty((0,)) for _ in range(4)]
+    return (loss_part.sum(), d_student, d_teacher, *weight_grads)

@@ -1,8 +1,7 @@
-"""Conventions every fused op shares: the reductions' counts and the (N, C, positions) view of features."""
+"""Conventions every fused op shares: the reductions' counts, and autocast around the kernels."""
 from __future__ import annotations
 
 import contextlib
-import math
 
 import torch
 
@@ -26,35 +25,6 @@ def gradient_scale(grad_loss: torch.Tensor, count: int) -> torch.Tensor:
     reduction over no element: every gradient is then an empty sum, exactly 0 (as autograd gives through the
     reference), not the 0 * inf = NaN of the division."""
     return torch.zeros_like(grad_loss) if count == 0 else divide_by_count(grad_loss, count)
-
-
-def as_positions(feature: torch.Tensor) -> torch.Tensor:
-    """``feature`` as a dense (N, C, positions) tensor: a view for NCHW and channels_last layouts (their
-    spatial dims merge), a contiguous copy otherwise."""
-    batch, channels = feature.shape[:2]
-    positions = math.prod(feature.shape[2:])
-    merged = feature.reshape(batch, channels, positions)
-    return merged if merged.is_contiguous() or _channels_inner(merged) else merged.contiguous()
-
-
-def _channels_inner(merged: torch.Tensor) -> bool:
-    batch, channels, positions = merged.shape
-    return merged.stride() == (channels * positions, 1, channels)
-
-
-def empty_like_positions(feature: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """An uninitialized tensor of ``feature``'s shape in the layout ``as_positions(feature)`` walks (channels
-    innermost for channels_last features, NCHW otherwise), so that ``as_positions`` of it is a view."""
-    batch, channels = feature.shape[:2]
-    spatial = feature.shape[2:]
-    if not _channels_inner(as_positions(feature)):
-        return feature.new_empty(feature.shape, dtype=dtype)
-    strides, step = [], channels
-    for size in reversed(spatial):
-        strides.append(step)
-        step *= size
-    return torch.empty_strided(feature.shape, (step, 1, *reversed(strides)), dtype=dtype or feature.dtype,
-                               device=feature.device)
 
 
 def autocast_off(device: torch.device):

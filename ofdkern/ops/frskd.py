@@ -15,9 +15,10 @@ import torch
 from .. import reference
 from .._backends import Backend, register_op, resolve
 from .._dtypes import accumulation_dtype, result_dtype
+from .._layout import as_positions
 from .._validation import check_attention_transfer_args, check_kd_args
 from ._autograd import backward_scale, input_gradient, setup_scaled_backward
-from ._common import as_positions, autocast_loss, autocast_off, divide_by_count, reduction_count
+from ._common import autocast_loss, autocast_off, divide_by_count, reduction_count
 
 _ATTENTION_KERNELS = ("ofdkern::attention_map", "ofdkern::attention_map_backward")
 ATTENTION_TRANSFER = register_op("attention_transfer_loss", cpu=Backend(_ATTENTION_KERNELS),

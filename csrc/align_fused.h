@@ -1,0 +1,245 @@
+// The fused channel-wise alignment op shared by the CPU and CUDA kernels: its contract, and the one tile
+// pipeline both run, with the device's own elementwise passes (align_cpu.cpp, align_cuda.cu).
+//
+// Schema (defined in align_op.cpp):
+//   align_fused(Tensor student, Tensor teacher, Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor? margin,
+//               bool grad_student, bool grad_teacher, bool grad_weights)
+//     -> (Tensor loss, Tensor grad_student, Tensor grad_teacher, Tensor grad_w1, Tensor grad_b1,
+//         Tensor grad_w2, Tensor grad_b2)
+//
+// student (N, Cs, ...) and teacher (N, Ct, ...): 2 to 5 dims, equal batch and spatial sizes, each either
+// contiguous (NCHW) or dense with channels innermost (channels_last); any floating dtypes. w1 (H, Cs), b1 (H),
+// w2 (Ct, H), b2 (Ct): contiguous, all in one floating "compute" dtype (the eager reference's promoted dtype).
+// margin: None (plain L2) or a contiguous (Ct,) tensor in the accumulation dtype of the compute dtype (OFD's
+// margin ReLU + partial L2). Outputs, for a unit upstream gradient and no reduction scaling:
+//   loss          0-dim, the sum of every pixel's loss, accumulation dtype.
+//   grad_student  like student (same strides and dtype), or empty when not asked; grad_teacher likewise.
+//   grad_w1 .. grad_b2   like the weights in the accumulation dtype, or empty when grad_weights is false.
+//
+// The pipeline walks the pixels in tiles of a fixed size (whole samples, or a slice of one sample's positions),
+// never holding the projection or the hidden activation beyond a tile. Per tile, in the GEMM dtype of the device
+// (CPU: the accumulation dtype; CUDA: the compute dtype, tensor cores for half precision):
+//   X = student tile (Cs, T)            H = relu(W1 X + b1) (H, T)        Y = W2 H + b2 (Ct, T)
+//   loss, dY and d teacher in one pass   dW2 += dY H^T, db2 += rows(dY)   dH = relu'(W2^T dY)
+//   dW1 += dH X^T, db1 += rows(dH)       d student tile = W1^T dH
+// X and d student are laid out like the student (so the copies in and out are contiguous), Y and dY like the
+// teacher (so the loss pass reads and writes both in memory order), H and dH channel-major. Tiles run in a fixed
+// order and every sum over pixels is taken in a fixed order: the bits do not depend on the thread count.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+
+#include <algorithm>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "accumulation.h"
+
+namespace ofdkern {
+
+using AlignOutputs =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// A feature as (N, C, positions), and whether its channels are innermost (strides (P*C, 1, C)).
+struct AlignFeature {
+  at::Tensor merged;
+  bool channels_inner;
+};
+
+inline AlignFeature align_feature(const at::Tensor& feature, const char* name) {
+  TORCH_CHECK_VALUE(feature.dim() >= 2 && feature.dim() <= 5, "align_fused: ", name,
+                    " must have 2 to 5 dims, got shape ", feature.sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(feature.scalar_type()), "align_fused: ", name,
+                   " must be floating point, got ", feature.scalar_type());
+  const int64_t batch = feature.size(0), channels = feature.size(1);
+  const int64_t positions = feature.numel() / std::max<int64_t>(batch * channels, 1);
+  if (feature.is_contiguous()) return {feature.view({batch, channels, positions}), false};
+  // Channels innermost: the strides channels_last (or channels_last_3d, or a (N, L, C) transpose) gives; the
+  // stride of a size-1 dim is free.
+  std::vector<int64_t> expected(feature.dim());
+  int64_t step = channels;
+  for (int64_t d = feature.dim() - 1; d >= 2; --d) {
+    expected[d] = step;
+    step *= feature.size(d);
+  }
+  expected[1] = 1;
+  expected[0] = step;
+  bool inner = true;
+  for (int64_t d = 0; d < feature.dim(); ++d) inner = inner && (feature.size(d) == 1 || feature.stride(d) == expected[d]);
+  TORCH_CHECK_VALUE(inner, "align_fused: ", name, " must be contiguous or channels_last, got strides ",
+                    feature.strides(), " for shape ", feature.sizes());
+  return {at::as_strided(feature, {batch, channels, positions}, {positions * channels, 1, channels}), true};
+}
+
+// Pixels [n0, n0 + samples) x [p0, p0 + positions): whole samples, or a slice of one sample's positions.
+struct AlignTile {
+  int64_t n0, samples, p0, positions;
+  int64_t pixels() const { return samples * positions; }
+};
+
+inline std::vector<AlignTile> align_tiles(int64_t batch, int64_t positions, int64_t tile_pixels) {
+  std::vector<AlignTile> tiles;
+  if (positions >= tile_pixels) {
+    for (int64_t n = 0; n < batch; ++n)
+      for (int64_t p = 0; p < positions; p += tile_pixels)
+        tiles.push_back({n, 1, p, std::min(tile_pixels, positions - p)});
+  } else {
+    const int64_t samples = std::max<int64_t>(tile_pixels / std::max<int64_t>(positions, 1), 1);
+    for (int64_t n = 0; n < batch; n += samples) tiles.push_back({n, std::min(samples, batch - n), 0, positions});
+  }
+  return tiles;
+}
+
+// A tile of a feature, (samples, C, positions), strided into the feature.
+inline at::Tensor feature_tile(const AlignFeature& feature, const AlignTile& tile) {
+  return feature.merged.narrow(0, tile.n0, tile.samples).narrow(2, tile.p0, tile.positions);
+}
+
+// A (C, T) buffer of the tile laid out like a feature: channel-major rows (C, samples, positions), or channels
+// innermost (samples, positions, C). ``matrix`` is its (C, T) GEMM operand, ``grid`` the same memory shaped like
+// the feature tile's (C, samples, positions) permutation, for the copies in and out.
+struct TileBuffer {
+  at::Tensor matrix;
+  at::Tensor grid;
+  bool channels_inner;
+};
+
+inline TileBuffer tile_buffer(const at::Tensor& storage, int64_t channels, const AlignTile& tile,
+                              bool channels_inner) {
+  const at::Tensor flat = storage.narrow(0, 0, channels * tile.pixels());
+  if (channels_inner) {
+    return {flat.view({tile.pixels(), channels}).t(),
+            flat.view({tile.samples, tile.positions, channels}).permute({2, 0, 1}), true};
+  }
+  return {flat.view({channels, tile.pixels()}), flat.view({channels, tile.samples, tile.positions}), false};
+}
+
+// The feature tile as its buffer's grid sees it: (C, samples, positions).
+inline at::Tensor as_grid(const at::Tensor& tile) { return tile.permute({1, 0, 2}); }
+
+// What the device-specific passes of the pipeline see of one tile's loss pass.
+struct LossPass {
+  const TileBuffer& y;       // the projection W2 H, turned into dY in place
+  at::Tensor teacher;        // the teacher tile (samples, Ct, positions)
+  at::Tensor grad_teacher;   // its gradient tile, undefined when not asked
+  const at::Tensor& bias;    // b2, accumulation dtype
+  const at::Tensor& margin;  // accumulation dtype, undefined for plain L2
+  at::Tensor& loss;          // 0-dim accumulation-dtype total the tile's loss is added to
+};
+
+inline void check_align_weight(const at::Tensor& weight, const char* name, at::IntArrayRef shape,
+                               const at::Tensor& like) {
+  TORCH_CHECK_VALUE(weight.sizes() == shape, "align_fused: ", name, " must have shape ", shape, ", got ",
+                    weight.sizes());
+  TORCH_CHECK_TYPE(weight.scalar_type() == like.scalar_type(), "align_fused: ", name, " must have dtype ",
+                   like.scalar_type(), " (the weights' compute dtype), got ", weight.scalar_type());
+  TORCH_CHECK_VALUE(weight.is_contiguous(), "align_fused: ", name, " must be contiguous");
+  TORCH_CHECK_VALUE(weight.device() == like.device(), "align_fused: ", name, " must be on ", like.device(),
+                    ", got ", weight.device());
+}
+
+// Passes: the device's elementwise work and its GEMM dtype (see align_cpu.cpp, align_cuda.cu):
+//   static at::ScalarType gemm_dtype(at::ScalarType compute_dtype);
+//   static constexpr int64_t kTileBytes;                 // the tile buffers' budget
+//   static void bias_relu(const at::Tensor& h, const at::Tensor& bias);   // h (H, T) channel-major, in place
+//   static void loss(const LossPass& pass);
+//   static void relu_backward(const at::Tensor& dh, const at::Tensor& h); // dh *= relu'(h), in place
+//   static void product(at::Tensor& out, const at::Tensor& a, const at::Tensor& b);      // out = a b
+//   static void add_product(at::Tensor& sum, const at::Tensor& a, const at::Tensor& b);  // sum += a b
+//   static void add_channel_sums(at::Tensor& sum, const TileBuffer& m);   // sum[c] += sum_j m[c, j]
+template <typename Passes>
+AlignOutputs align_fused(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& w1,
+                         const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2,
+                         const std::optional<at::Tensor>& margin, bool grad_student, bool grad_teacher,
+                         bool grad_weights) {
+  const AlignFeature s = align_feature(student, "student");
+  const AlignFeature t = align_feature(teacher, "teacher");
+  TORCH_CHECK_VALUE(s.merged.size(0) == t.merged.size(0) && s.merged.size(2) == t.merged.size(2) &&
+                        student.sizes().slice(2) == teacher.sizes().slice(2),
+                    "align_fused: student ", student.sizes(), " and teacher ", teacher.sizes(),
+                    " must have the same batch and spatial sizes");
+  const int64_t s_channels = student.size(1), t_channels = teacher.size(1);
+  TORCH_CHECK_VALUE(w1.dim() == 2, "align_fused: w1 must be (hidden, ", s_channels, "), got ", w1.sizes());
+  const int64_t hidden = w1.size(0);
+  TORCH_CHECK_TYPE(at::isFloatingType(w1.scalar_type()), "align_fused: w1 must be floating point, got ",
+                   w1.scalar_type());
+  check_align_weight(w1, "w1", {hidden, s_channels}, w1);
+  check_align_weight(b1, "b1", {hidden}, w1);
+  check_align_weight(w2, "w2", {t_channels, hidden}, w1);
+  check_align_weight(b2, "b2", {t_channels}, w1);
+  TORCH_CHECK_VALUE(student.device() == w1.device() && teacher.device() == w1.device(),
+                    "align_fused: student, teacher and the weights must be on one device");
+  const auto acc = accumulation_dtype(w1.scalar_type());
+  const auto acc_options = w1.options().dtype(acc);
+  if (margin.has_value()) {
+    TORCH_CHECK_VALUE(margin->sizes() == at::IntArrayRef{t_channels} && margin->is_contiguous() &&
+                          margin->scalar_type() == acc && margin->device() == w1.device(),
+                      "align_fused: margin must be a contiguous (", t_channels, ",) tensor of dtype ", acc,
+                      " on ", w1.device(), ", got shape ", margin->sizes(), " dtype ", margin->scalar_type());
+  }
+
+  at::Tensor loss = at::zeros({}, acc_options);
+  auto feature_grad = [](bool wanted, const at::Tensor& like) {
+    return wanted ? at::empty_strided(like.sizes(), like.strides(), like.options()) : at::empty({0}, like.options());
+  };
+  at::Tensor d_student = feature_grad(grad_student, student), d_teacher = feature_grad(grad_teacher, teacher);
+  std::vector<at::Tensor> d_weights;
+  for (const at::Tensor* w : {&w1, &b1, &w2, &b2})
+    d_weights.push_back(grad_weights ? at::zeros(w->sizes(), acc_options) : at::empty({0}, acc_options));
+  const int64_t batch = s.merged.size(0), positions = s.merged.size(2);
+  if (batch * positions == 0) return {loss, d_student, d_teacher, d_weights[0], d_weights[1], d_weights[2], d_weights[3]};
+
+  // The ATen ops below are this kernel's own: autograd must not record them (the op's autograd lives in
+  // Python), nor autocast cast them (custom ops fall through it, so its state is still on here).
+  const at::AutoDispatchBelowAutograd below_autograd;
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  const auto gemm = w1.options().dtype(Passes::gemm_dtype(w1.scalar_type()));
+  // Detached: the GEMMs may run on worker threads, which the guards above do not reach.
+  const at::Tensor w1g = w1.to(gemm.dtype()).detach(), w2g = w2.to(gemm.dtype()).detach();
+  const at::Tensor b1a = b1.to(acc), b2a = b2.to(acc);
+  const at::Tensor margin_acc = margin.has_value() ? *margin : at::Tensor();
+  const int64_t bytes_per_pixel = (s_channels + 2 * hidden + t_channels) * at::elementSize(gemm.dtype().toScalarType());
+  const int64_t tile_pixels = std::max<int64_t>(128, Passes::kTileBytes / bytes_per_pixel);
+  const std::vector<AlignTile> tiles = align_tiles(batch, positions, tile_pixels);
+  const int64_t most_pixels = tiles.front().pixels();
+  const at::Tensor x_storage = at::empty({s_channels * most_pixels}, gemm);
+  const at::Tensor h_storage = at::empty({hidden * most_pixels}, gemm);
+  const at::Tensor y_storage = at::empty({t_channels * most_pixels}, gemm);
+  const at::Tensor dh_storage = grad_student || grad_weights ? at::empty({hidden * most_pixels}, gemm) : at::Tensor();
+  const AlignFeature d_s = grad_student ? align_feature(d_student, "grad_student") : AlignFeature{};
+  const AlignFeature d_t = grad_teacher ? align_feature(d_teacher, "grad_teacher") : AlignFeature{};
+
+  for (const AlignTile& tile : tiles) {
+    TileBuffer x = tile_buffer(x_storage, s_channels, tile, s.channels_inner);
+    x.grid.copy_(as_grid(feature_tile(s, tile)));
+    TileBuffer h = tile_buffer(h_storage, hidden, tile, false);
+    Passes::product(h.matrix, w1g, x.matrix);
+    Passes::bias_relu(h.matrix, b1a);
+    TileBuffer y = tile_buffer(y_storage, t_channels, tile, t.channels_inner);
+    Passes::product(y.matrix, w2g, h.matrix);
+    Passes::loss(LossPass{y, feature_tile(t, tile), grad_teacher ? feature_tile(d_t, tile) : at::Tensor(), b2a,
+                          margin_acc, loss});
+    if (!grad_student && !grad_weights) continue;
+    if (grad_weights) {
+      Passes::add_product(d_weights[2], y.matrix, h.matrix.t());
+      Passes::add_channel_sums(d_weights[3], y);
+    }
+    TileBuffer dh = tile_buffer(dh_storage, hidden, tile, false);
+    Passes::product(dh.matrix, w2g.t(), y.matrix);
+    Passes::relu_backward(dh.matrix, h.matrix);
+    if (grad_weights) {
+      Passes::add_product(d_weights[0], dh.matrix, x.matrix.t());
+      Passes::add_channel_sums(d_weights[1], dh);
+    }
+    if (grad_student) {
+      Passes::product(x.matrix, w1g.t(), dh.matrix);  // x is no longer needed: d student takes its place
+      as_grid(feature_tile(d_s, tile)).copy_(x.grid);
+    }
+  }
+  return {loss, d_student, d_teacher, d_weights[0], d_weights[1], d_weights[2], d_weights[3]};
+}
+
+}  // namespace ofdkern
