@@ -1,11 +1,16 @@
 // CPU kernel of the fused channel-wise alignment op: the tile pipeline of align_fused.h with MKL/oneDNN GEMMs
-// through ATen in the accumulation dtype (half-precision tiles are converted on the way in and out), and
-// elementwise passes that each read and write a tile once.
+// through ATen in the accumulation dtype (half-precision features are converted on the way in and out).
 //
-// Determinism: the tiles run in a fixed order, each pass splits its work into fixed pieces whose partial sums
-// are combined in a fixed order, and every GEMM is split into fixed blocks, each one a single-threaded BLAS call
-// (MKL's multi-threaded GEMMs of small matrices change their bits with the thread count); so the loss and every
-// gradient are bit-identical whatever torch.get_num_threads() is.
+// A tile's pixels are cut into column blocks of about kBlockBytes of buffers (whole samples, or a slice of one
+// sample).
+// The forward and the backward down to dH run block by block, each block's GEMMs followed at once by their
+// elementwise pass while the block is in cache; then the weight gradients (GEMMs over all of the tile's pixels,
+// cut into blocks of rows); then d student, block by block. Three parallel regions per tile.
+//
+// Determinism: the tiles and blocks are a function of the shapes only, every partial sum is combined in block
+// order, and every GEMM is a single-threaded BLAS call on one block (MKL's multi-threaded GEMMs of small
+// matrices change their bits with the thread count); so the loss and every gradient are bit-identical whatever
+// torch.get_num_threads() is.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -22,22 +27,12 @@ namespace {
 
 // Independent accumulators per loop: breaks the add dependency chain so the loops vectorize.
 constexpr int kLanes = 16;
-// Pixels per piece of a channels-innermost loss pass, and channels per piece of its channel sums.
-constexpr int64_t kPixelsPerPiece = 64;
-constexpr int64_t kChannelsPerPiece = 64;
-// The GEMM blocks: columns (pixels) of a product, rows of a sum over pixels.
-constexpr int64_t kGemmColumns = 256;
+// A column block's share of the tile buffers: its X, H, Y and dH stay in the L2 cache between their GEMM and
+// their pass. At least kMinBlockColumns pixels, so that its GEMMs stay efficient at wide channels.
+constexpr int64_t kBlockBytes = int64_t{1} << 20;
+constexpr int64_t kMinBlockColumns = 64;
+// Rows of a weight gradient per GEMM block.
 constexpr int64_t kGemmRows = 64;
-
-// Runs block(b) for b in [0, blocks) inside a parallel region, so that every BLAS call in it is single-threaded
-// (MKL runs sequentially inside an OpenMP region; with one torch thread it has one thread anyway). A lone block
-// gets a region too: called outside one, MKL would thread it.
-template <typename Block>
-void in_parallel_region(int64_t blocks, Block block) {
-  at::parallel_for(0, std::max<int64_t>(blocks, 2), 1, [&](int64_t first, int64_t last) {
-    for (int64_t b = first; b < std::min(last, blocks); ++b) block(b);
-  });
-}
 
 template <typename acc_t, typename F>
 inline acc_t lane_sum(int64_t n, F term) {
@@ -49,6 +44,32 @@ inline acc_t lane_sum(int64_t n, F term) {
   acc_t total = 0;
   for (acc_t lane : lanes) total += lane;
   return total;
+}
+
+// Runs block(b) for b in [0, blocks) inside a parallel region, so that every BLAS call in it is single-threaded
+// (MKL runs sequentially inside an OpenMP region; with one torch thread it has one thread anyway). A lone block
+// gets a region too: called outside one, MKL would thread it.
+template <typename Block>
+void in_parallel_region(int64_t blocks, Block block) {
+  at::parallel_for(0, std::max<int64_t>(blocks, 2), 1, [&](int64_t first, int64_t last) {
+    for (int64_t b = first; b < std::min(last, blocks); ++b) block(b);
+  });
+}
+
+std::vector<TileColumns> column_blocks(const AlignProblem& p, const AlignTile& tile) {
+  const int64_t bytes_per_pixel = (p.s_channels + 2 * p.hidden + p.t_channels) * p.w1.element_size();
+  const int64_t columns = std::max(kMinBlockColumns, kBlockBytes / bytes_per_pixel);
+  std::vector<TileColumns> blocks;
+  if (tile.samples == 1) {
+    for (int64_t q = 0; q < tile.positions; q += columns)
+      blocks.push_back({{tile.n0, 1, tile.p0 + q, std::min(columns, tile.positions - q)}, q});
+  } else {  // whole samples, as many as fill a block
+    const int64_t samples = std::max<int64_t>(1, columns / tile.positions);
+    for (int64_t i = 0; i < tile.samples; i += samples)
+      blocks.push_back({{tile.n0 + i, std::min(samples, tile.samples - i), tile.p0, tile.positions},
+                        i * tile.positions});
+  }
+  return blocks;
 }
 
 // n elements of the projection y (W2 H, bias not yet added) against the teacher t: adds the bias, turns y into
@@ -67,148 +88,137 @@ inline acc_t loss_run(acc_t* y, const teacher_t* t, teacher_t* d_t, int64_t n, c
   });
 }
 
+// The loss pass of one column block (y: its columns of the tile's Y buffer); adds its dY row sums to
+// bias_grad when given. Returns the block's loss.
 template <bool kOFD, bool kGradTeacher, typename acc_t, typename teacher_t>
-acc_t loss_tile(const LossPass& pass) {
-  acc_t* y = pass.y.matrix.mutable_data_ptr<acc_t>();
-  const teacher_t* t = pass.teacher.const_data_ptr<teacher_t>();
-  teacher_t* d_t = kGradTeacher ? pass.grad_teacher.mutable_data_ptr<teacher_t>() : nullptr;
-  const acc_t* bias = pass.bias.const_data_ptr<acc_t>();
-  const acc_t* margin = kOFD ? pass.margin.const_data_ptr<acc_t>() : nullptr;
-  const int64_t samples = pass.teacher.size(0), channels = pass.teacher.size(1), positions = pass.teacher.size(2);
-  const int64_t pixels = samples * positions;
-  const int64_t sample_stride = pass.teacher.stride(0), channel_stride = pass.teacher.stride(1);
-  std::vector<acc_t> partials;
-  if (!pass.y.channels_inner) {
-    // Rows of one channel and sample: y[c, i, :] against t[i, c, :], both contiguous.
-    partials.resize(channels * samples);
-    at::parallel_for(0, channels * samples, 1, [&](int64_t first, int64_t last) {
-      for (int64_t r = first; r < last; ++r) {
-        const int64_t c = r / samples, i = r % samples;
-        const int64_t t_offset = i * sample_stride + c * channel_stride;
-        partials[r] = loss_run<kOFD, kGradTeacher, 0>(y + c * pixels + i * positions, t + t_offset,
-                                                      kGradTeacher ? d_t + t_offset : nullptr, positions,
-                                                      bias + c, kOFD ? margin + c : nullptr);
+acc_t loss_block(const AlignProblem& p, const TileBuffer& y, const TileColumns& block, acc_t* bias_grad) {
+  const at::Tensor t_tile = feature_tile(p.teacher, block.pixels);
+  const teacher_t* t = t_tile.const_data_ptr<teacher_t>();
+  teacher_t* d_t = kGradTeacher ? feature_tile(p.grad_teacher, block.pixels).mutable_data_ptr<teacher_t>() : nullptr;
+  acc_t* dy = y.matrix.mutable_data_ptr<acc_t>();
+  const acc_t* bias = p.b2.const_data_ptr<acc_t>();
+  const acc_t* margin = kOFD ? p.margin.const_data_ptr<acc_t>() : nullptr;
+  const int64_t channels = t_tile.size(1), samples = t_tile.size(0), positions = t_tile.size(2);
+  acc_t loss = 0;
+  if (!y.channels_inner) {
+    // Rows of one channel and sample: the buffer's and the teacher's, both contiguous.
+    const int64_t row_stride = y.matrix.stride(0);
+    for (int64_t c = 0; c < channels; ++c) {
+      for (int64_t i = 0; i < samples; ++i) {
+        acc_t* row = dy + c * row_stride + i * positions;
+        const int64_t offset = i * t_tile.stride(0) + c * t_tile.stride(1);
+        loss += loss_run<kOFD, kGradTeacher, 0>(row, t + offset, kGradTeacher ? d_t + offset : nullptr, positions,
+                                                bias + c, kOFD ? margin + c : nullptr);
+        if (bias_grad) bias_grad[c] += lane_sum<acc_t>(positions, [&](int64_t j) { return row[j]; });
       }
-    });
-  } else {
-    // Channels innermost: the tile (whole samples, or one sample's slice) is one contiguous block of pixels
-    // in both y and t; pieces of pixels, each pixel one run over its channels.
-    TORCH_INTERNAL_ASSERT(channel_stride == 1 && (samples == 1 || sample_stride == pixels / samples * channels));
-    const int64_t pieces = (pixels + kPixelsPerPiece - 1) / kPixelsPerPiece;
-    partials.resize(pieces);
-    at::parallel_for(0, pieces, 1, [&](int64_t first, int64_t last) {
-      for (int64_t piece = first; piece < last; ++piece) {
-        acc_t sum = 0;
-        for (int64_t q = piece * kPixelsPerPiece; q < std::min(pixels, (piece + 1) * kPixelsPerPiece); ++q) {
-          sum += loss_run<kOFD, kGradTeacher, 1>(y + q * channels, t + q * channels,
-                                                 kGradTeacher ? d_t + q * channels : nullptr, channels, bias,
-                                                 margin);
-        }
-        partials[piece] = sum;
-      }
-    });
+    }
+    return loss;
   }
-  acc_t total = 0;
-  for (acc_t partial : partials) total += partial;
-  return total;
+  // Channels innermost: the block is one contiguous run of pixels in the buffer and in the teacher.
+  for (int64_t q = 0; q < samples * positions; ++q) {
+    acc_t* pixel = dy + q * channels;
+    loss += loss_run<kOFD, kGradTeacher, 1>(pixel, t + q * channels, kGradTeacher ? d_t + q * channels : nullptr,
+                                            channels, bias, margin);
+    if (bias_grad)
+      for (int64_t c = 0; c < channels; ++c) bias_grad[c] += pixel[c];
+  }
+  return loss;
 }
 
-// Calls body(acc_t) with the buffers' dtype (the accumulation dtype: float or double).
+// Calls body(acc_t{}) with the buffers' dtype, the accumulation dtype: float or double.
 template <typename Body>
-void dispatch_accumulation(const at::Tensor& buffer, Body body) {
-  if (buffer.scalar_type() == at::kDouble) body(double{});
+void with_accumulation_type(at::ScalarType dtype, Body body) {
+  if (dtype == at::kDouble) body(double{});
   else body(float{});
 }
 
-struct CpuAlignPasses {
+// The forward and the backward down to dH of one column block; its loss and bias-gradient partials.
+template <typename acc_t>
+void forward_backward_block(const AlignProblem& p, const AlignTile& tile, const TileColumns& block, acc_t& loss,
+                            acc_t* d_b2, acc_t* d_b1) {
+  TileBuffer x = columns_of(p.x(tile), block), h = columns_of(p.h(tile), block), y = columns_of(p.y(tile), block);
+  x.grid.copy_(as_grid(feature_tile(p.student, block.pixels)));
+  at::mm_out(h.matrix, p.w1, x.matrix);
+  const int64_t hidden = h.matrix.size(0), width = h.matrix.size(1), h_stride = h.matrix.stride(0);
+  acc_t* h_data = h.matrix.mutable_data_ptr<acc_t>();
+  const acc_t* b1 = p.b1.const_data_ptr<acc_t>();
+  for (int64_t c = 0; c < hidden; ++c) {
+    acc_t* row = h_data + c * h_stride;
+    for (int64_t j = 0; j < width; ++j) row[j] = relu(row[j] + b1[c]);
+  }
+  at::mm_out(y.matrix, p.w2, h.matrix);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.teacher.merged.scalar_type(), "align_loss_cpu", [&] {
+    const bool ofd = p.margin.defined(), grad_teacher = p.grad_teacher.merged.defined();
+    if (ofd) loss = grad_teacher ? loss_block<true, true, acc_t, scalar_t>(p, y, block, d_b2)
+                                 : loss_block<true, false, acc_t, scalar_t>(p, y, block, d_b2);
+    else loss = grad_teacher ? loss_block<false, true, acc_t, scalar_t>(p, y, block, d_b2)
+                             : loss_block<false, false, acc_t, scalar_t>(p, y, block, d_b2);
+  });
+  if (!p.backward()) return;
+  TileBuffer dh = columns_of(p.dh(tile), block);
+  at::mm_out(dh.matrix, p.w2.t(), y.matrix);
+  acc_t* dh_data = dh.matrix.mutable_data_ptr<acc_t>();
+  for (int64_t c = 0; c < hidden; ++c) {
+    acc_t* grad = dh_data + c * h_stride;
+    const acc_t* activation = h_data + c * h_stride;
+    for (int64_t j = 0; j < width; ++j) grad[j] = relu_backward(grad[j], activation[j]);
+    if (d_b1) d_b1[c] += lane_sum<acc_t>(width, [&](int64_t j) { return grad[j]; });
+  }
+}
+
+// sum += a b, in blocks of sum's rows (each one GEMM over every pixel of the tile).
+struct RowBlocks {
+  at::Tensor sum, a, b;
+  int64_t count() const { return (sum.size(0) + kGemmRows - 1) / kGemmRows; }
+  void run(int64_t block) const {
+    const int64_t first = block * kGemmRows, rows = std::min(kGemmRows, sum.size(0) - first);
+    sum.narrow(0, first, rows).addmm_(a.narrow(0, first, rows), b);
+  }
+};
+
+struct CpuDevice {
   static at::ScalarType gemm_dtype(at::ScalarType compute_dtype) { return accumulation_dtype(compute_dtype); }
-  // Tile buffers of 8 MiB: GEMMs of hundreds to thousands of pixels, and the tile mostly in the last cache.
-  static constexpr int64_t kTileBytes = int64_t{8} << 20;
+  // 32 MiB of tile buffers: a few large tiles, so a handful of parallel regions per call.
+  static constexpr int64_t kTileBytes = int64_t{32} << 20;
 
-  static void bias_relu(const at::Tensor& h, const at::Tensor& bias) {
-    dispatch_accumulation(h, [&](auto zero) {
+  static void run_tile(const AlignProblem& p, const AlignTile& tile) {
+    const std::vector<TileColumns> blocks = column_blocks(p, tile);
+    const int64_t count = static_cast<int64_t>(blocks.size());
+    with_accumulation_type(p.w1.scalar_type(), [&](auto zero) {
       using acc_t = decltype(zero);
-      acc_t* data = h.mutable_data_ptr<acc_t>();
-      const acc_t* b = bias.const_data_ptr<acc_t>();
-      const int64_t pixels = h.size(1);
-      at::parallel_for(0, h.size(0), 1, [&](int64_t first, int64_t last) {
-        for (int64_t c = first; c < last; ++c) {
-          acc_t* row = data + c * pixels;
-          for (int64_t j = 0; j < pixels; ++j) row[j] = relu(row[j] + b[c]);
-        }
+      const bool weights = p.grad_weights();
+      std::vector<acc_t> losses(count), d_b2(weights ? count * p.t_channels : 0), d_b1(weights ? count * p.hidden : 0);
+      in_parallel_region(count, [&](int64_t b) {
+        forward_backward_block<acc_t>(p, tile, blocks[b], losses[b], weights ? &d_b2[b * p.t_channels] : nullptr,
+                                      weights ? &d_b1[b * p.hidden] : nullptr);
       });
-    });
-  }
-
-  static void loss(const LossPass& pass) {
-    dispatch_accumulation(pass.y.matrix, [&](auto zero) {
-      using acc_t = decltype(zero);
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pass.teacher.scalar_type(), "align_loss_cpu", [&] {
-        const bool ofd = pass.margin.defined(), grad_teacher = pass.grad_teacher.defined();
-        acc_t total;
-        if (ofd) total = grad_teacher ? loss_tile<true, true, acc_t, scalar_t>(pass)
-                                      : loss_tile<true, false, acc_t, scalar_t>(pass);
-        else total = grad_teacher ? loss_tile<false, true, acc_t, scalar_t>(pass)
-                                  : loss_tile<false, false, acc_t, scalar_t>(pass);
-        *pass.loss.mutable_data_ptr<acc_t>() += total;
-      });
-    });
-  }
-
-  static void relu_backward(const at::Tensor& dh, const at::Tensor& h) {
-    dispatch_accumulation(h, [&](auto zero) {
-      using acc_t = decltype(zero);
-      acc_t* grad = dh.mutable_data_ptr<acc_t>();
-      const acc_t* activation = h.const_data_ptr<acc_t>();
-      at::parallel_for(0, h.numel(), 1 << 14, [&](int64_t first, int64_t last) {
-        for (int64_t i = first; i < last; ++i) grad[i] = ofdkern::relu_backward(grad[i], activation[i]);
-      });
-    });
-  }
-
-  static void product(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
-    const int64_t columns = out.size(1);
-    in_parallel_region((columns + kGemmColumns - 1) / kGemmColumns, [&](int64_t block) {
-      const int64_t first = block * kGemmColumns, width = std::min(kGemmColumns, columns - first);
-      at::Tensor out_block = out.narrow(1, first, width);
-      at::mm_out(out_block, a, b.narrow(1, first, width));
-    });
-  }
-
-  static void add_product(at::Tensor& sum, const at::Tensor& a, const at::Tensor& b) {
-    const int64_t rows = sum.size(0);
-    in_parallel_region((rows + kGemmRows - 1) / kGemmRows, [&](int64_t block) {
-      const int64_t first = block * kGemmRows, height = std::min(kGemmRows, rows - first);
-      sum.narrow(0, first, height).addmm_(a.narrow(0, first, height), b);
-    });
-  }
-
-  static void add_channel_sums(at::Tensor& sum, const TileBuffer& m) {
-    dispatch_accumulation(m.matrix, [&](auto zero) {
-      using acc_t = decltype(zero);
-      const acc_t* data = m.matrix.const_data_ptr<acc_t>();
-      acc_t* out = sum.mutable_data_ptr<acc_t>();
-      const int64_t channels = m.matrix.size(0), pixels = m.matrix.size(1);
-      if (!m.channels_inner) {
-        at::parallel_for(0, channels, 1, [&](int64_t first, int64_t last) {
-          for (int64_t c = first; c < last; ++c) {
-            const acc_t* row = data + c * pixels;
-            out[c] += lane_sum<acc_t>(pixels, [&](int64_t j) { return row[j]; });
-          }
+      acc_t tile_loss = 0;
+      for (acc_t loss : losses) tile_loss += loss;
+      *p.loss.mutable_data_ptr<acc_t>() += tile_loss;
+      if (weights) {
+        auto add_block_sums = [count](const at::Tensor& sum, const std::vector<acc_t>& parts) {
+          acc_t* out = sum.mutable_data_ptr<acc_t>();
+          const int64_t channels = sum.numel();
+          for (int64_t b = 0; b < count; ++b)
+            for (int64_t c = 0; c < channels; ++c) out[c] += parts[b * channels + c];
+        };
+        add_block_sums(p.d_b2, d_b2);
+        add_block_sums(p.d_b1, d_b1);
+        const TileBuffer x = p.x(tile), h = p.h(tile), y = p.y(tile), dh = p.dh(tile);
+        const RowBlocks products[] = {{p.d_w2, y.matrix, h.matrix.t()}, {p.d_w1, dh.matrix, x.matrix.t()}};
+        const int64_t first_of_second = products[0].count();
+        in_parallel_region(first_of_second + products[1].count(), [&](int64_t b) {
+          if (b < first_of_second) products[0].run(b);
+          else products[1].run(b - first_of_second);
         });
-        return;
       }
-      // Channels innermost: each piece of channels sums its columns over every pixel, in pixel order.
-      const int64_t pieces = (channels + kChannelsPerPiece - 1) / kChannelsPerPiece;
-      at::parallel_for(0, pieces, 1, [&](int64_t first, int64_t last) {
-        for (int64_t piece = first; piece < last; ++piece) {
-          const int64_t c0 = piece * kChannelsPerPiece, c1 = std::min(channels, c0 + kChannelsPerPiece);
-          std::array<acc_t, kChannelsPerPiece> column{};
-          for (int64_t q = 0; q < pixels; ++q)
-            for (int64_t c = c0; c < c1; ++c) column[c - c0] += data[q * channels + c];
-          for (int64_t c = c0; c < c1; ++c) out[c] += column[c - c0];
-        }
-      });
+      if (p.grad_student.merged.defined()) {
+        in_parallel_region(count, [&](int64_t b) {
+          TileBuffer x = columns_of(p.x(tile), blocks[b]);
+          at::mm_out(x.matrix, p.w1.t(), columns_of(p.dh(tile), blocks[b]).matrix);  // x is done: d student
+          as_grid(feature_tile(p.grad_student, blocks[b].pixels)).copy_(x.grid);
+        });
+      }
     });
   }
 };
@@ -217,8 +227,8 @@ AlignOutputs align_fused_cpu(const at::Tensor& student, const at::Tensor& teache
                              const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2,
                              const std::optional<at::Tensor>& margin, bool grad_student, bool grad_teacher,
                              bool grad_weights) {
-  return align_fused<CpuAlignPasses>(student, teacher, w1, b1, w2, b2, margin, grad_student, grad_teacher,
-                                     grad_weights);
+  return align_fused<CpuDevice>(student, teacher, w1, b1, w2, b2, margin, grad_student, grad_teacher,
+                                grad_weights);
 }
 
 }  // namespace

@@ -18,7 +18,8 @@
 //
 // The pipeline walks the pixels in tiles of a fixed size (whole samples, or a slice of one sample's positions),
 // never holding the projection or the hidden activation beyond a tile. Per tile, in the GEMM dtype of the device
-// (CPU: the accumulation dtype; CUDA: the compute dtype, tensor cores for half precision):
+// (CPU: the accumulation dtype; CUDA: the compute dtype, tensor cores for half precision), each device's
+// run_tile computes
 //   X = student tile (Cs, T)            H = relu(W1 X + b1) (H, T)        Y = W2 H + b2 (Ct, T)
 //   loss, dY and d teacher in one pass   dW2 += dY H^T, db2 += rows(dY)   dH = relu'(W2^T dY)
 //   dW1 += dH X^T, db1 += rows(dH)       d student tile = W1^T dH
@@ -28,8 +29,8 @@
 #pragma once
 
 #include <ATen/ATen.h>
-#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <ATen/core/LegacyTypeDispatch.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <algorithm>
 #include <optional>
@@ -98,6 +99,13 @@ inline at::Tensor feature_tile(const AlignFeature& feature, const AlignTile& til
   return feature.merged.narrow(0, tile.n0, tile.samples).narrow(2, tile.p0, tile.positions);
 }
 
+// Columns [first, first + pixels) of a tile's buffers hold the pixels of ``pixels``, a piece of the tile (whole
+// samples of it, or a slice of its one sample).
+struct TileColumns {
+  AlignTile pixels;
+  int64_t first;
+};
+
 // A (C, T) buffer of the tile laid out like a feature: channel-major rows (C, samples, positions), or channels
 // innermost (samples, positions, C). ``matrix`` is its (C, T) GEMM operand, ``grid`` the same memory shaped like
 // the feature tile's (C, samples, positions) permutation, for the copies in and out.
@@ -117,17 +125,35 @@ inline TileBuffer tile_buffer(const at::Tensor& storage, int64_t channels, const
   return {flat.view({channels, tile.pixels()}), flat.view({channels, tile.samples, tile.positions}), false};
 }
 
+// The columns of a tile buffer: its (C, width) GEMM operand and its grid.
+inline TileBuffer columns_of(const TileBuffer& buffer, const TileColumns& columns) {
+  const AlignTile& part = columns.pixels;
+  const at::Tensor matrix = buffer.matrix.narrow(1, columns.first, part.pixels());
+  if (buffer.channels_inner) {
+    return {matrix, matrix.t().view({part.samples, part.positions, matrix.size(0)}).permute({2, 0, 1}), true};
+  }
+  return {matrix, matrix.view({matrix.size(0), part.samples, part.positions}), false};
+}
+
 // The feature tile as its buffer's grid sees it: (C, samples, positions).
 inline at::Tensor as_grid(const at::Tensor& tile) { return tile.permute({1, 0, 2}); }
 
-// What the device-specific passes of the pipeline see of one tile's loss pass.
-struct LossPass {
-  const TileBuffer& y;       // the projection W2 H, turned into dY in place
-  at::Tensor teacher;        // the teacher tile (samples, Ct, positions)
-  at::Tensor grad_teacher;   // its gradient tile, undefined when not asked
-  const at::Tensor& bias;    // b2, accumulation dtype
-  const at::Tensor& margin;  // accumulation dtype, undefined for plain L2
-  at::Tensor& loss;          // 0-dim accumulation-dtype total the tile's loss is added to
+// The tensors every tile's work reads and writes (align_fused prepares them; each device's run_tile uses them).
+struct AlignProblem {
+  AlignFeature student, teacher, grad_student, grad_teacher;  // the gradients' merged views undefined when unasked
+  at::Tensor w1, w2;                                          // GEMM dtype, detached
+  at::Tensor b1, b2, margin;                                  // accumulation dtype; no margin: plain L2
+  at::Tensor loss;                                            // the 0-dim accumulation-dtype total
+  at::Tensor d_w1, d_b1, d_w2, d_b2;                          // accumulation dtype, undefined when unasked
+  at::Tensor x_storage, h_storage, y_storage, dh_storage;     // the tile buffers, GEMM dtype
+  int64_t s_channels, hidden, t_channels;
+
+  bool grad_weights() const { return d_w1.defined(); }
+  bool backward() const { return grad_student.merged.defined() || grad_weights(); }
+  TileBuffer x(const AlignTile& tile) const { return tile_buffer(x_storage, s_channels, tile, student.channels_inner); }
+  TileBuffer h(const AlignTile& tile) const { return tile_buffer(h_storage, hidden, tile, false); }
+  TileBuffer y(const AlignTile& tile) const { return tile_buffer(y_storage, t_channels, tile, teacher.channels_inner); }
+  TileBuffer dh(const AlignTile& tile) const { return tile_buffer(dh_storage, hidden, tile, false); }
 };
 
 inline void check_align_weight(const at::Tensor& weight, const char* name, at::IntArrayRef shape,
@@ -141,105 +167,81 @@ inline void check_align_weight(const at::Tensor& weight, const char* name, at::I
                     ", got ", weight.device());
 }
 
-// Passes: the device's elementwise work and its GEMM dtype (see align_cpu.cpp, align_cuda.cu):
+// Device: the GEMM dtype of a compute dtype, the tile buffers' budget, and the work of one tile:
 //   static at::ScalarType gemm_dtype(at::ScalarType compute_dtype);
-//   static constexpr int64_t kTileBytes;                 // the tile buffers' budget
-//   static void bias_relu(const at::Tensor& h, const at::Tensor& bias);   // h (H, T) channel-major, in place
-//   static void loss(const LossPass& pass);
-//   static void relu_backward(const at::Tensor& dh, const at::Tensor& h); // dh *= relu'(h), in place
-//   static void product(at::Tensor& out, const at::Tensor& a, const at::Tensor& b);      // out = a b
-//   static void add_product(at::Tensor& sum, const at::Tensor& a, const at::Tensor& b);  // sum += a b
-//   static void add_channel_sums(at::Tensor& sum, const TileBuffer& m);   // sum[c] += sum_j m[c, j]
-template <typename Passes>
+//   static constexpr int64_t kTileBytes;
+//   static void run_tile(const AlignProblem& problem, const AlignTile& tile);
+template <typename Device>
 AlignOutputs align_fused(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& w1,
                          const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2,
                          const std::optional<at::Tensor>& margin, bool grad_student, bool grad_teacher,
                          bool grad_weights) {
-  const AlignFeature s = align_feature(student, "student");
-  const AlignFeature t = align_feature(teacher, "teacher");
-  TORCH_CHECK_VALUE(s.merged.size(0) == t.merged.size(0) && s.merged.size(2) == t.merged.size(2) &&
+  // The ATen ops below are this kernel's own: autograd must not record them (the op's autograd lives in
+  // Python), nor autocast cast them (custom ops fall through it, so its state is still on here). Work that
+  // runs on worker threads, which these guards do not reach, sees only detached tensors.
+  const at::AutoDispatchBelowAutograd below_autograd;
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  AlignProblem p;
+  p.student = align_feature(student.detach(), "student");
+  p.teacher = align_feature(teacher.detach(), "teacher");
+  TORCH_CHECK_VALUE(p.student.merged.size(0) == p.teacher.merged.size(0) &&
                         student.sizes().slice(2) == teacher.sizes().slice(2),
                     "align_fused: student ", student.sizes(), " and teacher ", teacher.sizes(),
                     " must have the same batch and spatial sizes");
-  const int64_t s_channels = student.size(1), t_channels = teacher.size(1);
-  TORCH_CHECK_VALUE(w1.dim() == 2, "align_fused: w1 must be (hidden, ", s_channels, "), got ", w1.sizes());
-  const int64_t hidden = w1.size(0);
+  p.s_channels = student.size(1);
+  p.t_channels = teacher.size(1);
+  TORCH_CHECK_VALUE(w1.dim() == 2, "align_fused: w1 must be (hidden, ", p.s_channels, "), got ", w1.sizes());
   TORCH_CHECK_TYPE(at::isFloatingType(w1.scalar_type()), "align_fused: w1 must be floating point, got ",
                    w1.scalar_type());
-  check_align_weight(w1, "w1", {hidden, s_channels}, w1);
-  check_align_weight(b1, "b1", {hidden}, w1);
-  check_align_weight(w2, "w2", {t_channels, hidden}, w1);
-  check_align_weight(b2, "b2", {t_channels}, w1);
+  p.hidden = w1.size(0);
+  check_align_weight(w1, "w1", {p.hidden, p.s_channels}, w1);
+  check_align_weight(b1, "b1", {p.hidden}, w1);
+  check_align_weight(w2, "w2", {p.t_channels, p.hidden}, w1);
+  check_align_weight(b2, "b2", {p.t_channels}, w1);
   TORCH_CHECK_VALUE(student.device() == w1.device() && teacher.device() == w1.device(),
                     "align_fused: student, teacher and the weights must be on one device");
   const auto acc = accumulation_dtype(w1.scalar_type());
   const auto acc_options = w1.options().dtype(acc);
   if (margin.has_value()) {
-    TORCH_CHECK_VALUE(margin->sizes() == at::IntArrayRef{t_channels} && margin->is_contiguous() &&
+    TORCH_CHECK_VALUE(margin->sizes() == at::IntArrayRef{p.t_channels} && margin->is_contiguous() &&
                           margin->scalar_type() == acc && margin->device() == w1.device(),
-                      "align_fused: margin must be a contiguous (", t_channels, ",) tensor of dtype ", acc,
+                      "align_fused: margin must be a contiguous (", p.t_channels, ",) tensor of dtype ", acc,
                       " on ", w1.device(), ", got shape ", margin->sizes(), " dtype ", margin->scalar_type());
+    p.margin = margin->detach();
   }
 
-  at::Tensor loss = at::zeros({}, acc_options);
+  p.loss = at::zeros({}, acc_options);
   auto feature_grad = [](bool wanted, const at::Tensor& like) {
     return wanted ? at::empty_strided(like.sizes(), like.strides(), like.options()) : at::empty({0}, like.options());
   };
-  at::Tensor d_student = feature_grad(grad_student, student), d_teacher = feature_grad(grad_teacher, teacher);
-  std::vector<at::Tensor> d_weights;
-  for (const at::Tensor* w : {&w1, &b1, &w2, &b2})
-    d_weights.push_back(grad_weights ? at::zeros(w->sizes(), acc_options) : at::empty({0}, acc_options));
-  const int64_t batch = s.merged.size(0), positions = s.merged.size(2);
-  if (batch * positions == 0) return {loss, d_student, d_teacher, d_weights[0], d_weights[1], d_weights[2], d_weights[3]};
+  const at::Tensor d_student = feature_grad(grad_student, student), d_teacher = feature_grad(grad_teacher, teacher);
+  if (grad_student) p.grad_student = align_feature(d_student, "grad_student");
+  if (grad_teacher) p.grad_teacher = align_feature(d_teacher, "grad_teacher");
+  auto weight_grad = [&](const at::Tensor& w) {
+    return grad_weights ? at::zeros(w.sizes(), acc_options) : at::empty({0}, acc_options);
+  };
+  const at::Tensor d_w1 = weight_grad(w1), d_b1 = weight_grad(b1), d_w2 = weight_grad(w2), d_b2 = weight_grad(b2);
+  if (grad_weights) std::tie(p.d_w1, p.d_b1, p.d_w2, p.d_b2) = std::tie(d_w1, d_b1, d_w2, d_b2);
+  const AlignOutputs outputs{p.loss, d_student, d_teacher, d_w1, d_b1, d_w2, d_b2};
+  const int64_t batch = p.student.merged.size(0), positions = p.student.merged.size(2);
+  if (batch * positions == 0) return outputs;
 
-  // The ATen ops below are this kernel's own: autograd must not record them (the op's autograd lives in
-  // Python), nor autocast cast them (custom ops fall through it, so its state is still on here).
-  const at::AutoDispatchBelowAutograd below_autograd;
-  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-  const auto gemm = w1.options().dtype(Passes::gemm_dtype(w1.scalar_type()));
-  // Detached: the GEMMs may run on worker threads, which the guards above do not reach.
-  const at::Tensor w1g = w1.to(gemm.dtype()).detach(), w2g = w2.to(gemm.dtype()).detach();
-  const at::Tensor b1a = b1.to(acc), b2a = b2.to(acc);
-  const at::Tensor margin_acc = margin.has_value() ? *margin : at::Tensor();
-  const int64_t bytes_per_pixel = (s_channels + 2 * hidden + t_channels) * at::elementSize(gemm.dtype().toScalarType());
-  const int64_t tile_pixels = std::max<int64_t>(128, Passes::kTileBytes / bytes_per_pixel);
-  const std::vector<AlignTile> tiles = align_tiles(batch, positions, tile_pixels);
+  const auto gemm = w1.options().dtype(Device::gemm_dtype(w1.scalar_type()));
+  p.w1 = w1.detach().to(gemm.dtype());
+  p.w2 = w2.detach().to(gemm.dtype());
+  p.b1 = b1.detach().to(acc);
+  p.b2 = b2.detach().to(acc);
+  const int64_t bytes_per_pixel =
+      (p.s_channels + 2 * p.hidden + p.t_channels) * at::elementSize(gemm.dtype().toScalarType());
+  const std::vector<AlignTile> tiles =
+      align_tiles(batch, positions, std::max<int64_t>(128, Device::kTileBytes / bytes_per_pixel));
   const int64_t most_pixels = tiles.front().pixels();
-  const at::Tensor x_storage = at::empty({s_channels * most_pixels}, gemm);
-  const at::Tensor h_storage = at::empty({hidden * most_pixels}, gemm);
-  const at::Tensor y_storage = at::empty({t_channels * most_pixels}, gemm);
-  const at::Tensor dh_storage = grad_student || grad_weights ? at::empty({hidden * most_pixels}, gemm) : at::Tensor();
-  const AlignFeature d_s = grad_student ? align_feature(d_student, "grad_student") : AlignFeature{};
-  const AlignFeature d_t = grad_teacher ? align_feature(d_teacher, "grad_teacher") : AlignFeature{};
-
-  for (const AlignTile& tile : tiles) {
-    TileBuffer x = tile_buffer(x_storage, s_channels, tile, s.channels_inner);
-    x.grid.copy_(as_grid(feature_tile(s, tile)));
-    TileBuffer h = tile_buffer(h_storage, hidden, tile, false);
-    Passes::product(h.matrix, w1g, x.matrix);
-    Passes::bias_relu(h.matrix, b1a);
-    TileBuffer y = tile_buffer(y_storage, t_channels, tile, t.channels_inner);
-    Passes::product(y.matrix, w2g, h.matrix);
-    Passes::loss(LossPass{y, feature_tile(t, tile), grad_teacher ? feature_tile(d_t, tile) : at::Tensor(), b2a,
-                          margin_acc, loss});
-    if (!grad_student && !grad_weights) continue;
-    if (grad_weights) {
-      Passes::add_product(d_weights[2], y.matrix, h.matrix.t());
-      Passes::add_channel_sums(d_weights[3], y);
-    }
-    TileBuffer dh = tile_buffer(dh_storage, hidden, tile, false);
-    Passes::product(dh.matrix, w2g.t(), y.matrix);
-    Passes::relu_backward(dh.matrix, h.matrix);
-    if (grad_weights) {
-      Passes::add_product(d_weights[0], dh.matrix, x.matrix.t());
-      Passes::add_channel_sums(d_weights[1], dh);
-    }
-    if (grad_student) {
-      Passes::product(x.matrix, w1g.t(), dh.matrix);  // x is no longer needed: d student takes its place
-      as_grid(feature_tile(d_s, tile)).copy_(x.grid);
-    }
-  }
-  return {loss, d_student, d_teacher, d_weights[0], d_weights[1], d_weights[2], d_weights[3]};
+  p.x_storage = at::empty({p.s_channels * most_pixels}, gemm);
+  p.h_storage = at::empty({p.hidden * most_pixels}, gemm);
+  p.y_storage = at::empty({p.t_channels * most_pixels}, gemm);
+  if (p.backward()) p.dh_storage = at::empty({p.hidden * most_pixels}, gemm);
+  for (const AlignTile& tile : tiles) Device::run_tile(p, tile);
+  return outputs;
 }
 
 }  // namespace ofdkern
