@@ -7,6 +7,7 @@ response; ``DataMarginEstimator`` measures it on real teacher features (referenc
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import nn
@@ -99,8 +100,12 @@ class DataMarginEstimator(nn.Module):
 
     def __init__(self, num_channels: int, device: torch.device | str | None = None):
         super().__init__()
-        if not isinstance(num_channels, int) or num_channels < 1:
+        if isinstance(num_channels, bool) or not isinstance(num_channels, numbers.Integral):
+            raise TypeError(f"num_channels must be a positive int, got {type(num_channels).__name__} "
+                            f"{num_channels!r}")
+        if num_channels < 1:
             raise ValueError(f"num_channels must be a positive int, got {num_channels!r}")
+        num_channels = int(num_channels)
         self.num_channels = num_channels
         self.register_buffer("negative_sum", torch.zeros(num_channels, dtype=torch.float64, device=device))
         self.register_buffer("negative_count", torch.zeros(num_channels, dtype=torch.int64, device=device))

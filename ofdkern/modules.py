@@ -3,6 +3,7 @@ channel-wise alignment of Liu et al. (ICCVW 2023)."""
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import nn
@@ -16,13 +17,22 @@ from .ops import channel_align_loss, ofd_loss
 
 
 def _margin_as_vector(margin: torch.Tensor) -> torch.Tensor:
-    """A (C,) or (1, C, 1, ...) margin as a detached (C,) copy."""
+    """A per-channel margin of shape (C,), (1, C, 1, ...) (the reference's buffer) or (C, 1, ...) (what broadcasts
+    against (N, C, H, W) from the right) as a detached (C,) copy."""
     check_tensor("margin", margin, min_dim=1, max_dim=5)
     shape = tuple(margin.shape)
-    broadcast = margin.dim() >= 2 and shape[0] == 1 and all(size == 1 for size in shape[2:])
-    if margin.dim() != 1 and not broadcast:
-        raise ValueError(f"margin must have shape (C,) or (1, C, 1, ...), got {shape}")
+    leading_one = shape[0] == 1 and all(size == 1 for size in shape[2:])
+    trailing_ones = all(size == 1 for size in shape[1:])
+    if margin.dim() > 1 and not (leading_one or trailing_ones):
+        raise ValueError(f"margin must have shape (C,), (1, C, 1, ...) or (C, 1, ...), got {shape}")
     return margin.detach().reshape(-1).clone()
+
+
+def _check_channels(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be a positive int, got {type(value).__name__} {value!r}")
+    if value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 class OFDLoss(nn.Module):
@@ -30,7 +40,7 @@ class OFDLoss(nn.Module):
     the (connected) student feature. ``forward(student, teacher)`` is ``ofdkern.ofd_loss``.
 
     Args:
-        margin: per-channel margins, shape (C,) or (1, C, 1, ...), any float dtype (it takes part in dtype
+        margin: per-channel margins, shape (C,), (1, C, 1, ...) or (C, 1, ...), any float dtype (it takes part in dtype
             promotion like the reference's ``torch.max(t, m)``). Kept as a (C,) buffer, so it follows
             ``.to(device)`` and is saved by ``state_dict``.
         reduction: "sum" (the reference), "mean", "batchmean" or "none".
@@ -80,20 +90,22 @@ class Connector(nn.Sequential):
     keys ("0.weight", "1.running_mean", ...) match the reference's, so reference checkpoints load.
 
     Args:
-        in_channels: student channels.
-        out_channels: teacher channels.
+        in_channels: student channels, a positive int.
+        out_channels: teacher channels, a positive int.
         dims: spatial dims of the features: 2 for (N, C, H, W) (default), 1 for (N, C, L), 3 for (N, C, D, H, W).
         device, dtype: of the parameters.
     """
 
     def __init__(self, in_channels: int, out_channels: int, dims: int = 2, *,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        _check_channels("in_channels", in_channels)
+        _check_channels("out_channels", out_channels)
         if dims not in _CONVS:
             raise ValueError(f"dims must be 1, 2 or 3 (spatial dims of the features), got {dims!r}")
         factory = {"device": device, "dtype": dtype}
         super().__init__(
-            _CONVS[dims](in_channels, out_channels, kernel_size=1, bias=False, **factory),
-            _BATCH_NORMS[dims](out_channels, **factory),
+            _CONVS[dims](int(in_channels), int(out_channels), kernel_size=1, bias=False, **factory),
+            _BATCH_NORMS[dims](int(out_channels), **factory),
         )
         self.reset_parameters()
 
