@@ -21,6 +21,19 @@ from torch import nn
 from ofdkern import reference
 
 
+def record(module, pre_relu):
+    """Keeps a copy of the true pre-ReLU feature as ``module.pre_relu`` (the oracle), unless recording is off."""
+    if getattr(module, "records_pre_relu", True):
+        module.pre_relu = pre_relu.clone()
+
+
+def stop_recording(model):
+    """No oracle copies: under torch.compile they would be graph outputs the backward consumes."""
+    for module in model.modules():
+        module.records_pre_relu = False
+    return model
+
+
 def conv3x3(in_channels, out_channels, stride=1):
     return nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
 
@@ -57,7 +70,7 @@ class TorchvisionBasicBlock(nn.Module):
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         out += identity
-        self.pre_relu = out.clone()
+        record(self, out)
         return self.relu(out)
 
 
@@ -81,7 +94,7 @@ class TorchvisionBottleneck(nn.Module):
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
         out += identity
-        self.pre_relu = out.clone()
+        record(self, out)
         return self.relu(out)
 
 
@@ -100,7 +113,7 @@ class PytorchCifarBlock(nn.Module):
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         out += self.shortcut(x)
-        self.pre_relu = out.clone()
+        record(self, out)
         return F.relu(out)
 
 
@@ -110,7 +123,7 @@ class OutOfPlaceSumBlock(PytorchCifarBlock):
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out)) + self.shortcut(x)
-        self.pre_relu = out.clone()
+        record(self, out)
         return F.relu(out)
 
 
@@ -134,7 +147,7 @@ class MdistillerBasicBlock(nn.Module):
         out = self.bn2(self.conv2(out))
         out += residual
         preact = out
-        self.pre_relu = preact.clone()
+        record(self, preact)
         out = F.relu(out)
         return (out, preact) if self.is_last else out
 
@@ -157,7 +170,7 @@ class MovedReluBasicBlock(nn.Module):
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         out += residual
-        self.pre_relu = out.clone()
+        record(self, out)
         return out
 
 
@@ -180,7 +193,7 @@ class MovedReluBottleneck(nn.Module):
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
         out += residual
-        self.pre_relu = out.clone()
+        record(self, out)
         return out
 
 
@@ -290,7 +303,7 @@ class PreActBlock(nn.Module):
 
     def forward(self, x):
         normalized = self.bn1(x)
-        self.normalized_input = normalized.clone()  # the previous stage's pre-ReLU feature
+        record(self, normalized)  # the previous stage's pre-ReLU feature
         activated = self.relu1(normalized)
         if not self.equal_in_out:
             x = activated
@@ -329,7 +342,7 @@ class WideResNet(nn.Module):
         return [f"block{stage + 2}.layer.0.bn1" for stage in range(len(self.groups()) - 1)] + ["bn1"]
 
     def stage_pre_relu(self):
-        return [group.layer[0].normalized_input for group in self.groups()[1:]] + [self.final_normalized]
+        return [group.layer[0].pre_relu for group in self.groups()[1:]] + [self.pre_relu]
 
     def _trunk(self, x):
         features = []
@@ -338,7 +351,7 @@ class WideResNet(nn.Module):
             x = group.layer(x)
             features.append(x)
         normalized = self.bn1(x)
-        self.final_normalized = normalized.clone()
+        record(self, normalized)
         logits = self.fc(self.relu(normalized).mean(dim=(2, 3)))
         return features, logits
 
@@ -373,7 +386,7 @@ class ConvBnRelu(nn.Sequential):
         self.to(dtype)
 
     def _record(self, _bn, _args, output):
-        self.pre_relu = output.clone()
+        record(self, output)
 
     def stage_pre_relu(self):
         return [self.pre_relu]
