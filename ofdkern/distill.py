@@ -435,10 +435,11 @@ def _require_negative_values(features: Sequence[torch.Tensor], role: str, descri
 
 
 class _HookedTaps:
-    """Stage features read by forward hooks: ``Tap``s as given, ``BlockTap``s resolved on the first forward."""
+    """Stage features read by forward hooks: ``Tap``s as given, ``BlockTap``s resolved on the first forward
+    (``require_pre_relu``: then every feature must have negative values, OFD's check)."""
 
-    def __init__(self, model: nn.Module, specs: Sequence[Tap | BlockTap], role: str):
-        self.specs, self.role = list(specs), role
+    def __init__(self, model: nn.Module, specs: Sequence[Tap | BlockTap], role: str, require_pre_relu: bool = True):
+        self.specs, self.role, self.require_pre_relu = list(specs), role, require_pre_relu
         self.capture = _TapCapture(len(self.specs))
         for index, spec in enumerate(self.specs):
             if isinstance(spec, Tap):
@@ -485,7 +486,8 @@ class _HookedTaps:
         for index, (tap, copy, feature) in resolved.items():
             self.capture.set_tap(model, index, tap, copy=copy)
             features[index] = feature
-        _require_negative_values(features, self.role, self.describe)
+        if self.require_pre_relu:
+            _require_negative_values(features, self.role, self.describe)
         self.checked = True
         return features, output
 
