@@ -323,7 +323,7 @@ class _BlockProbe:
     The truth comes from the ReLU calls (``_ReluTrace``): the input of the call whose result the block returns,
     or, when the block returns its sum un-activated, that output itself if a later ReLU call receives it
     unchanged (the official OFD ResNets apply it at the start of the next block). The candidates are the hook
-    points a ``Tap`` can name, in this order: each ReLU child's input at its last call in the block, the block's
+    points a ``Tap`` can name, in this order: each ReLU module's input at its last call in the block, the block's
     output (each tensor of a tuple output), and the BN output as the block leaves it. Each is copied when read,
     and its original's version counter tells whether steady-state reads need the copy.
     """
@@ -339,10 +339,11 @@ class _BlockProbe:
         self.candidates: dict[Tap, tuple[torch.Tensor, torch.Tensor, int | None]] = {}
         self._handles = [self.block.register_forward_pre_hook(self._enter),
                          self.block.register_forward_hook(self._leave)]
-        for child_name, child in self.block.named_children():
-            if isinstance(child, nn.ReLU):
-                tap = Tap(spec.module, relu=f"{spec.module}.{child_name}", bn=spec.bn)
-                self._handles.append(child.register_forward_pre_hook(functools.partial(self._read_relu, tap)))
+        # Any ReLU module called inside the block: its own, or one the model shares between blocks.
+        for relu_name, relu in model.named_modules():
+            if isinstance(relu, nn.ReLU):
+                tap = Tap(spec.module, relu=relu_name, bn=spec.bn)
+                self._handles.append(relu.register_forward_pre_hook(functools.partial(self._read_relu, tap)))
         if spec.bn is not None:
             self._handles.append(model.get_submodule(spec.bn).register_forward_hook(self._hold_bn_output))
 
@@ -409,7 +410,7 @@ class _BlockProbe:
                 overwritten = version is None or _version(original) != version
                 return tap, overwritten, copy
         raise ValueError(
-            f"{block}: its final ReLU receives a tensor that no module returns (a functional ReLU after an "
+            f"{block}: its final ReLU receives a tensor that no module returns (for example a functional ReLU after an "
             f"out-of-place residual add, out = out + identity), so no hook can read its pre-ReLU feature: "
             f"{alternatives}")
 

@@ -74,6 +74,28 @@ class TorchvisionBasicBlock(nn.Module):
         return self.relu(out)
 
 
+class SharedReluBlock(nn.Module):
+    """A BasicBlock that calls the model's ReLU module (in place), through a reference it does not register as
+    its own child (``ResNet`` sets ``activation``)."""
+
+    def __init__(self, in_channels, channels, stride=1):
+        super().__init__()
+        self.conv1 = conv3x3(in_channels, channels, stride)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = conv3x3(channels, channels)
+        self.bn2 = nn.BatchNorm2d(channels)
+        self.downsample = shortcut(in_channels, channels, stride)
+        self.activation = None
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.activation(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += identity
+        record(self, out)
+        return self.activation(out)
+
+
 class TorchvisionBottleneck(nn.Module):
     """The BN before the add is bn3; one in-place ReLU called three times."""
 
@@ -211,6 +233,9 @@ class ResNet(nn.Module):
         for stage, width in enumerate(widths):
             layers = [self.make_block(block, in_channels if i == 0 else width, width,
                                       2 if stage and i == 0 else 1, i == blocks - 1) for i in range(blocks)]
+            if block is SharedReluBlock:
+                for layer in layers:
+                    layer.activation = self.relu.__call__  # a bound method: not registered, hooks still run
             self.add_module(f"layer{stage + 1}", nn.Sequential(*layers))
             in_channels = width
         self.fc = nn.Linear(in_channels, classes)

@@ -13,7 +13,7 @@ from torch import nn
 
 from conftest import STATUS
 from distill_models import (ConvBnRelu, MdistillerResNet, MdistillerWideResNet, MovedReluBottleneck, OfficialResNet,
-                            OutOfPlaceSumBlock, PytorchCifarBlock, ResNet, TorchvisionBasicBlock,
+                            OutOfPlaceSumBlock, PytorchCifarBlock, ResNet, SharedReluBlock, TorchvisionBasicBlock,
                             TorchvisionBottleneck, WideResNet, assert_distiller_matches_eager, eager_distill_loss,
                             images)
 from ofdkern import reference
@@ -94,6 +94,8 @@ def test_names_of_stages_and_blocks_tap_the_pre_relu_feature_other_names_the_out
 CONVENTIONS = {
     "torchvision": (lambda: ResNet(TorchvisionBasicBlock, widths=(8, 12, 16), blocks=2),
                     lambda: ResNet(TorchvisionBasicBlock, seed=1), None, "relu"),
+    "relu-module-shared-by-the-model": (lambda: ResNet(SharedReluBlock, widths=(8, 12, 16), blocks=2),
+                                        lambda: ResNet(SharedReluBlock, seed=1), None, "relu"),
     "torchvision-bottleneck": (lambda: ResNet(TorchvisionBottleneck, widths=(8, 12, 16)),
                                lambda: ResNet(TorchvisionBasicBlock, seed=1), None, "relu"),
     "pytorch-cifar-functional-relu": (lambda: ResNet(PytorchCifarBlock, widths=(8, 12, 16), blocks=2),
@@ -128,6 +130,40 @@ def test_loss_equals_eager_on_the_true_pre_relu_features(convention):
             kind = ("relu" if tap.relu else "item" if tap.item is not None else
                     "bn_output_at_end" if tap.bn_output_at_end else "output")
             assert isinstance(tap, Tap) and kind == resolved_kind, tap
+
+
+def residual_sums_recomputed(model, x):
+    """An independent oracle for torchvision's own ResNets (which record nothing): each stage's last block
+    recomputed from its input, in eval mode."""
+    inputs = []
+    blocks = [layer[-1] for layer in (model.layer1, model.layer2, model.layer3, model.layer4)]
+    handles = [block.register_forward_pre_hook(lambda _block, args: inputs.append(args[0].clone())) for block in blocks]
+    with torch.no_grad():
+        model(x)
+        for handle in handles:
+            handle.remove()
+        sums = []
+        for block, block_input in zip(blocks, inputs):
+            out = torch.relu(block.bn1(block.conv1(block_input)))
+            if hasattr(block, "bn3"):
+                out = block.bn3(block.conv3(torch.relu(block.bn2(block.conv2(out)))))
+            else:
+                out = block.bn2(block.conv2(out))
+            sums.append(out + (block_input if block.downsample is None else block.downsample(block_input)))
+    return sums
+
+
+def test_torchvisions_own_resnets_are_tapped_at_the_residual_sums():
+    torchvision = pytest.importorskip("torchvision")
+    teacher = torchvision.models.resnet50(num_classes=5).double()
+    student = torchvision.models.resnet18(num_classes=5).double()
+    distiller = OFDDistiller(teacher, student).eval()
+    x = images(batch=2, size=32)
+    for _first_then_steady in range(2):
+        teacher_features, student_features, _output = distiller._features(x)
+        for features, model in ((teacher_features, teacher), (student_features, student)):
+            assert all(torch.equal(f, s) for f, s in zip(features, residual_sums_recomputed(model, x)))
+    assert distiller.teacher_taps[3] == Tap("layer4.2", relu="layer4.2.relu", bn="layer4.2.bn3")
 
 
 def test_bn_taps_before_an_in_place_relu_read_the_bn_output():
