@@ -410,8 +410,8 @@ class _BlockProbe:
                 overwritten = version is None or _version(original) != version
                 return tap, overwritten, copy
         raise ValueError(
-            f"{block}: its final ReLU receives a tensor that no module returns (for example a functional ReLU after an "
-            f"out-of-place residual add, out = out + identity), so no hook can read its pre-ReLU feature: "
+            f"{block}: its final ReLU receives a tensor that no module returns (for example a functional ReLU after "
+            f"an out-of-place residual add, out = out + identity), so no hook can read its pre-ReLU feature: "
             f"{alternatives}")
 
 

@@ -69,7 +69,8 @@ def bn_margins(teacher):
 def test_find_taps_are_the_last_residual_block_of_each_stage():
     assert find_taps(ResNet(TorchvisionBasicBlock, blocks=2)) == [
         BlockTap(f"layer{s}.1", bn=f"layer{s}.1.bn2") for s in (1, 2, 3)]
-    assert find_taps(ResNet(TorchvisionBottleneck)) == [BlockTap(f"layer{s}.0", bn=f"layer{s}.0.bn3") for s in (1, 2, 3)]
+    assert find_taps(ResNet(TorchvisionBottleneck)) == [
+        BlockTap(f"layer{s}.0", bn=f"layer{s}.0.bn3") for s in (1, 2, 3)]
     assert find_taps(ResNet(PytorchCifarBlock, blocks=2)) == find_taps(OfficialResNet(blocks=2)) == [
         BlockTap(f"layer{s}.1", bn=f"layer{s}.1.bn2") for s in (1, 2, 3)]
 
@@ -429,7 +430,8 @@ class IgnoresItsMargins(OFDDistiller):
                  id="not-the-stage-end"),
 ])
 def test_parity_helper_rejects_broken_distillers(broken):
-    teacher, student = ResNet(TorchvisionBasicBlock, widths=(8, 12, 16), blocks=2), ResNet(TorchvisionBasicBlock, seed=1)
+    teacher = ResNet(TorchvisionBasicBlock, widths=(8, 12, 16), blocks=2)
+    student = ResNet(TorchvisionBasicBlock, seed=1)
     assert_distiller_matches_eager(OFDDistiller(teacher, student, alpha=1e-2), images())
     with pytest.raises(AssertionError):
         assert_distiller_matches_eager(broken(teacher, student), images())

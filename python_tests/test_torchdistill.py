@@ -130,7 +130,8 @@ def test_what_torchdistills_own_hooks_record_for_an_in_place_relu_is_refused():
         {"taps": {s: s for s in STAGES}, "connectors": {"layer1": 8, "layer2": 12, "layer3": 16}},
         [f"margins.{s}" for s in STAGES], [f"connectors.{s}" for s in STAGES],
         {"ofd": term("ofdkern.OFDLoss", 1e-2, feature_pairs=pairs)}, teacher_input_hooks=relus)
-    with pytest.raises(ValueError, match=r"teacher feature 'model.layer1.1.relu' of pair 'layer1' has no negative value.*"
+    with pytest.raises(ValueError, match=r"teacher feature 'model.layer1.1.relu' of pair 'layer1' has no negative "
+                                         r"value.*"
                                          r"'ofdkern.FeatureTaps' wrapper"):
         distillation.forward_process(images(), LABELS)
 

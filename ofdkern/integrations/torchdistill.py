@@ -284,7 +284,8 @@ class OFDFeatureLoss(nn.Module):
         if reduction not in ("batchmean", "sum"):
             raise ValueError(f"ofdkern.OFDLoss: reduction must be 'batchmean' or 'sum', got {reduction!r}")
         stages = len(self.pairs)
-        self.weights = [float(pair.get("weight", 1.0 / 2 ** (stages - 1 - i))) for i, (_, pair) in enumerate(self.pairs)]
+        self.weights = [float(pair.get("weight", 1.0 / 2 ** (stages - 1 - i)))
+                        for i, (_, pair) in enumerate(self.pairs)]
         self.reduction, self.backend = reduction, backend
         self._checked = False
 
