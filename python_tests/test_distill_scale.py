@@ -11,17 +11,16 @@ import torch.nn.functional as F
 from torch import nn
 
 import ofdkern
-from distill_models import (MdistillerResNet, OfficialResNet, PytorchCifarBlock, ResNet, TorchvisionBasicBlock,
-                            images, logits_of, stop_recording)
+from distill_models import (MdistillerResNet, PytorchCifarBlock, ResNet, TorchvisionBasicBlock, images, logits_of,
+                            stop_recording)
 from ofdkern.distill import OFDDistiller
 
-# One model per way an automatic tap ends up read: a ReLU module's input, a BN output after the in-place add, an
-# item of a tuple output, a block output.
+# One model per hook path a tap is read by: a ReLU module's input, a BN output after the in-place add, a module
+# output (here an item of a tuple output; a plain output is the same hook without the indexing).
 TAP_KINDS = {
     "relu-input": lambda seed, widths: ResNet(TorchvisionBasicBlock, widths=widths, seed=seed),
     "bn-output-at-end": lambda seed, widths: ResNet(PytorchCifarBlock, widths=widths, seed=seed),
     "tuple-item": lambda seed, widths: MdistillerResNet(widths=widths, seed=seed),
-    "block-output": lambda seed, widths: OfficialResNet(widths=widths, seed=seed),
 }
 LABELS = torch.arange(4) % 5
 PACKAGE_DIR = os.path.join(os.path.dirname(ofdkern.__file__), "")
