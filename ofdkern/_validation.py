@@ -56,11 +56,12 @@ def check_ofd_args(student, teacher, margin, reduction) -> None:
                hint=" (apply the connector to the student first)")
     check_tensor("margin", margin)
     channels = student.shape[1]
-    per_channel = (channels,)
-    broadcast = (1, channels) + (1,) * (student.dim() - 2)
-    if tuple(margin.shape) not in (per_channel, broadcast):
+    spatial_ones = (1,) * (student.dim() - 2)
+    # (C,); the reference's (1, C, 1, ...) buffer; (C, 1, ...), which broadcasts against the features from the right.
+    shapes = list(dict.fromkeys([(channels,), (1, channels) + spatial_ones, (channels,) + spatial_ones]))
+    if tuple(margin.shape) not in shapes:
         raise ValueError(
-            f"margin must have shape {per_channel} or {broadcast} for features of shape "
+            f"margin must have shape {' or '.join(map(str, shapes))} for features of shape "
             f"{tuple(student.shape)}, got {tuple(margin.shape)}")
     check_same_device(student=student, teacher=teacher, margin=margin)
     check_reduction(reduction)

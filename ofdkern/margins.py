@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ._validation import check_tensor
+from ._validation import check_positive_int, check_tensor
 
 # Below this negative-side probability the reference replaces the conditional mean by -3 * sigma
 # (1 / Phi would blow up).
@@ -99,8 +99,7 @@ class DataMarginEstimator(nn.Module):
 
     def __init__(self, num_channels: int, device: torch.device | str | None = None):
         super().__init__()
-        if not isinstance(num_channels, int) or num_channels < 1:
-            raise ValueError(f"num_channels must be a positive int, got {num_channels!r}")
+        num_channels = check_positive_int("num_channels", num_channels)
         self.num_channels = num_channels
         self.register_buffer("negative_sum", torch.zeros(num_channels, dtype=torch.float64, device=device))
         self.register_buffer("negative_count", torch.zeros(num_channels, dtype=torch.int64, device=device))

@@ -9,19 +9,21 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ._backends import check_backend_name
-from ._validation import ALIGN_REDUCTIONS, check_reduction, check_tensor
+from ._validation import ALIGN_REDUCTIONS, check_positive_int, check_reduction, check_tensor
 from .margins import margin_from_bn
 from . import reference
 from .ops import channel_align_loss, ofd_loss
 
 
 def _margin_as_vector(margin: torch.Tensor) -> torch.Tensor:
-    """A (C,) or (1, C, 1, ...) margin as a detached (C,) copy."""
+    """A per-channel margin of shape (C,), (1, C, 1, ...) (the reference's buffer) or (C, 1, ...) (what broadcasts
+    against (N, C, H, W) from the right) as a detached (C,) copy."""
     check_tensor("margin", margin, min_dim=1, max_dim=5)
     shape = tuple(margin.shape)
-    broadcast = margin.dim() >= 2 and shape[0] == 1 and all(size == 1 for size in shape[2:])
-    if margin.dim() != 1 and not broadcast:
-        raise ValueError(f"margin must have shape (C,) or (1, C, 1, ...), got {shape}")
+    leading_one = shape[0] == 1 and all(size == 1 for size in shape[2:])
+    trailing_ones = all(size == 1 for size in shape[1:])
+    if margin.dim() > 1 and not (leading_one or trailing_ones):
+        raise ValueError(f"margin must have shape (C,), (1, C, 1, ...) or (C, 1, ...), got {shape}")
     return margin.detach().reshape(-1).clone()
 
 
@@ -30,7 +32,7 @@ class OFDLoss(nn.Module):
     the (connected) student feature. ``forward(student, teacher)`` is ``ofdkern.ofd_loss``.
 
     Args:
-        margin: per-channel margins, shape (C,) or (1, C, 1, ...), any float dtype (it takes part in dtype
+        margin: per-channel margins, shape (C,), (1, C, 1, ...) or (C, 1, ...), any float dtype (it takes part in dtype
             promotion like the reference's ``torch.max(t, m)``). Kept as a (C,) buffer, so it follows
             ``.to(device)`` and is saved by ``state_dict``.
         reduction: "sum" (the reference), "mean", "batchmean" or "none".
@@ -79,14 +81,16 @@ class Connector(nn.Sequential):
     keys ("0.weight", "1.running_mean", ...) match the reference's, so reference checkpoints load.
 
     Args:
-        in_channels: student channels.
-        out_channels: teacher channels.
+        in_channels: student channels, a positive int.
+        out_channels: teacher channels, a positive int.
         dims: spatial dims of the features: 2 for (N, C, H, W) (default), 1 for (N, C, L), 3 for (N, C, D, H, W).
         device, dtype: of the parameters.
     """
 
     def __init__(self, in_channels: int, out_channels: int, dims: int = 2, *,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        in_channels = check_positive_int("in_channels", in_channels)
+        out_channels = check_positive_int("out_channels", out_channels)
         if dims not in _CONVS:
             raise ValueError(f"dims must be 1, 2 or 3 (spatial dims of the features), got {dims!r}")
         factory = {"device": device, "dtype": dtype}
@@ -135,10 +139,9 @@ class ChannelAlign(nn.Module):
                  ofd_margin: torch.Tensor | None = None, reduction: str = "sum", backend: str = "auto", *,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None):
         super().__init__()
-        hidden = t_channels if hidden is None else hidden
-        for name, value in (("s_channels", s_channels), ("t_channels", t_channels), ("hidden", hidden)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        s_channels = check_positive_int("s_channels", s_channels)
+        t_channels = check_positive_int("t_channels", t_channels)
+        hidden = t_channels if hidden is None else check_positive_int("hidden", hidden)
         check_reduction(reduction, ALIGN_REDUCTIONS)
         check_backend_name(backend)
         factory = {"device": device, "dtype": dtype}

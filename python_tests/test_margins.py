@@ -1,6 +1,7 @@
 """margin_from_bn against the reference formula (scipy), and the margin-from-data estimator."""
 import math
 
+import numpy as np
 import pytest
 import torch
 from scipy.stats import norm
@@ -255,6 +256,11 @@ def test_estimator_rejects_bad_input():
         estimator.update(torch.zeros(3))
     with pytest.raises(TypeError, match="teacher_features must be float"):
         estimator.update(torch.zeros(2, 3, 5, 5, dtype=torch.int32))
-    with pytest.raises(ValueError, match="num_channels"):
+    with pytest.raises(ValueError, match="num_channels must be a positive int, got 0"):
         DataMarginEstimator(0)
+    with pytest.raises(TypeError, match="num_channels must be a positive int, got bool True"):
+        DataMarginEstimator(True)
+    with pytest.raises(TypeError, match="num_channels must be a positive int, got float 3.0"):
+        DataMarginEstimator(3.0)
+    assert DataMarginEstimator(np.int64(2)).num_channels == 2
     assert "num_channels=3" in repr(estimator)

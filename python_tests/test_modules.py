@@ -1,10 +1,12 @@
 """OFDLoss against the eager reference, and the Connector's construction and initialization."""
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
+import ofdkern
 from ofdkern import reference
 from ofdkern.margins import margin_from_bn
 from ofdkern.modules import Connector, OFDLoss
@@ -51,6 +53,24 @@ def test_broadcast_margin_shape_is_stored_per_channel():
     torch.testing.assert_close(loss(student, teacher), reference.ofd_loss(student, teacher, margin))
 
 
+def test_official_code_margin_shapes_give_the_per_channel_result():
+    # The reference distiller keeps (1, C, 1, 1) buffers; code written against torch broadcasting keeps (C, 1, 1).
+    margin = margin_of(3, seed=4)
+    student, teacher = features((2, 3, 4, 4), seed=5), features((2, 3, 4, 4), seed=6)
+    expected = reference.ofd_loss(student, teacher, margin)
+    for shape in ((1, 3, 1, 1), (3, 1, 1)):
+        assert torch.equal(OFDLoss(margin.reshape(shape)).margin, margin)
+        torch.testing.assert_close(ofdkern.ofd_loss(student, teacher, margin.reshape(shape)), expected)
+    shaped = margin.reshape(3, 1, 1).clone().requires_grad_()
+    ofdkern.ofd_loss(student, teacher, shaped).backward()
+    per_channel = margin.clone().requires_grad_()
+    reference.ofd_loss(student, teacher, per_channel).backward()
+    assert shaped.grad.shape == (3, 1, 1)
+    torch.testing.assert_close(shaped.grad.reshape(3), per_channel.grad)
+    with pytest.raises(ValueError, match=r"margin must have shape \(3,\) or \(1, 3, 1, 1\) or \(3, 1, 1\)"):
+        ofdkern.ofd_loss(student, teacher, margin.reshape(1, 1, 3))
+
+
 def test_margin_is_a_detached_copy_saved_in_the_state_dict():
     margin = margin_of(3, seed=7).requires_grad_()
     loss = OFDLoss(margin)
@@ -84,8 +104,10 @@ def test_bad_arguments_are_named():
         OFDLoss(margin_of(3, seed=9), reduction="avg")
     with pytest.raises(ValueError, match="backend must be one of"):
         OFDLoss(margin_of(3, seed=9), backend="gpu")
-    with pytest.raises(ValueError, match=r"margin must have shape \(C,\) or \(1, C, 1, ...\)"):
+    with pytest.raises(ValueError, match=r"margin must have shape \(C,\), \(1, C, 1, ...\) or \(C, 1, ...\)"):
         OFDLoss(torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="margin must have shape"):
+        OFDLoss(torch.zeros(1, 1, 3))  # a spatial broadcast, not a per-channel one
     with pytest.raises(TypeError, match="margin must be float"):
         OFDLoss(torch.zeros(3, dtype=torch.int64))
     with pytest.raises(ValueError, match="margin must have shape"):
@@ -136,6 +158,20 @@ def test_connector_output_shape(dims, shape):
     # Train-mode BN with gamma 1, beta 0: every channel is standardized over the batch.
     channel_mean = output.transpose(0, 1).reshape(12, -1).mean(dim=1)
     torch.testing.assert_close(channel_mean, torch.zeros(12), atol=1e-5, rtol=0)
+
+
+def test_connector_channel_counts_must_be_positive_ints():
+    with pytest.raises(TypeError, match="in_channels must be a positive int, got str '3'"):
+        Connector("3", 5)
+    with pytest.raises(TypeError, match="out_channels must be a positive int, got bool"):
+        Connector(3, True)
+    with pytest.raises(TypeError, match="out_channels must be a positive int, got float"):
+        Connector(3, 5.0)
+    with pytest.raises(ValueError, match="out_channels must be a positive int, got 0"):
+        Connector(3, 0)
+    with pytest.raises(ValueError, match="in_channels must be a positive int, got -2"):
+        Connector(-2, 5)
+    assert Connector(np.int64(3), 5).conv.in_channels == 3
 
 
 def test_connector_keeps_channels_last_and_takes_factory_arguments():
