@@ -94,7 +94,7 @@ def kd_groups() -> dict[str, list[tuple[str, tuple[int, ...]]]]:
 
 
 _KD_QUICK = {"cpu": [("classification", 0, "fp32"), ("vocabulary", 0, "fp32")],
-             "cuda": [("classification", 1, "fp32"), ("vocabulary", 0, "bf16"), ("vocabulary", 2, "bf16")]}
+             "cuda": [("classification", 1, "fp32"), ("vocabulary", 2, "bf16")]}
 
 
 def _kd_plan(device: str, quick: bool) -> list[Case]:
