@@ -92,7 +92,7 @@ def target_lines(checks: list[dict]) -> list[str]:
     lines = []
     for check in checks:
         value = "missing" if check["value"] is None else f"{check['value']:.2f}x"
-        stated = "target" if check["status"] in ("PASS", "MISS") else f"target on {'/'.join(check['stated_for'])}"
+        stated = "target" if check["status"] != "info" else f"target on {'/'.join(check['stated_for'])}"
         lines.append(f"{check['status']:<4}  {check['op']} {check['provider']} {check['mode']} {check['shape_text']} "
                      f"{check['dtype']}: {_METRIC_WORDS[check['metric']]} = {value} "
                      f"({stated} {check['relation']} {check['bound']:g}x)")
