@@ -57,8 +57,8 @@ class Case:
 
 
 Step = Callable[[], Any]
-# (provider output, eager's output of the same mode or None, tolerance) -> relative error (None: not numeric);
-# raises MismatchError.
+# (provider output, the oracle of the same mode (oracle_output) or None, tolerance) -> the relative error (None:
+# not a numeric check); raises MismatchError.
 Check = Callable[[Any, Any, float], Optional[float]]
 
 
@@ -71,7 +71,8 @@ def _tensors(output) -> list[torch.Tensor]:
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """Norm-wise: ||actual - expected|| / ||expected|| in float64, computed on the tensors' device."""
+    """Norm-wise ||actual - expected|| / ||expected||: the difference in float32, the norms accumulated in
+    float64, on the tensors' device."""
     difference = actual.float() - expected.float()
     scale = torch.linalg.vector_norm(expected, dtype=torch.float64).clamp_min(1e-30)
     return (torch.linalg.vector_norm(difference, dtype=torch.float64) / scale).item()

@@ -281,6 +281,7 @@ OP = cases.OpBench(
     tolerance={"fp32": 1e-4, "amp-bf16": 2e-2},
     size=lambda case: sum(int(case.param(role).removeprefix("resnet")) for role in ("teacher", "student")),
     size_label="teacher + student depth (layers)",
+    shape_text=lambda case: f"{case.param('teacher')}→{case.param('student')} {'x'.join(map(str, case.shape))}",
     modes=(LOSS, STEP),
     main_mode=STEP,
     cuda_graph=False,

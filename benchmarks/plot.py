@@ -70,7 +70,7 @@ def plot_op(result: dict, op: str, path: str) -> str | None:
             if ax.has_data():
                 ax.legend(fontsize=8)
     machine = result["machine"]
-    fig.suptitle(f"ofdkern {meta['title'].replace('`', '')} on {machine['device_name']} ({machine['date'][:10]}; "
+    fig.suptitle(f"{meta['title'].replace('`', '')} on {machine['device_name']} ({machine['date'][:10]}; "
                  f"lines: size sweep, circles: real setups)", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
