@@ -1,152 +1,300 @@
-"""What the OFD benchmarks measure: the feature-map shapes, the inputs, and the providers compared.
+"""What the benchmarks measure, shared by every op: cases, providers, the check against eager, the backends
+that run an op, and the op declaration (``OpBench``) each ``bench_op_<op>.py`` fills in.
 
-Shared by the runner (run.py) and the pytest-benchmark file (test_bench_ofd.py).
+Used by the runner (run.py) and the pytest-benchmark file (test_bench_ops.py); bench_ops.py lists the ops.
 """
 from __future__ import annotations
 
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Callable, ContextManager
+from typing import Any, Callable, ContextManager, Optional
 
 import torch
 
+import bench_measure as measure
 import ofdkern
-from ofdkern import reference
 
 FORWARD = "fwd"
 FORWARD_BACKWARD = "fwd+bwd"
-MODES = (FORWARD, FORWARD_BACKWARD)
+LOSS_MODES = (FORWARD, FORWARD_BACKWARD)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-# The shape OFD's CPU targets are stated for: ResNet layer2 output at batch 64.
-ACCEPTANCE_SHAPE = (64, 512, 28, 28)
-ACCEPTANCE_DTYPE = "fp32"
+EAGER = "eager"
+COMPILE = "compile"
+FUSED_PREFIX = "ofdkern-"
 
 
 @dataclass(frozen=True)
 class Case:
-    group: str  # "cifar", "imagenet" or "sweep"
+    op: str  # a name of bench_ops.OPS
+    group: str  # the op's family of shapes, e.g. "cifar", "imagenet", "sweep"
     label: str
-    shape: tuple[int, ...]
-    dtype: str  # a key of DTYPES
+    shape: tuple[int, ...]  # the op's main tensor (features, logits, input images)
+    dtype: str  # a key of DTYPES, or an op's own (distill_step's "amp-bf16")
+    params: tuple[tuple[str, Any], ...] = ()  # sizes beyond the main shape, e.g. channel_align's hidden width
+    acceptance: bool = False  # a case the op's targets are stated for
+
+    def param(self, name: str) -> Any:
+        return dict(self.params)[name]
 
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
 
     @property
-    def element_size(self) -> int:
-        return torch.empty((), dtype=DTYPES[self.dtype]).element_size()
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
 
     @property
-    def is_acceptance(self) -> bool:
-        return self.shape == ACCEPTANCE_SHAPE and self.dtype == ACCEPTANCE_DTYPE
+    def element_size(self) -> int:
+        return torch.empty((), dtype=self.torch_dtype).element_size()
+
+    @property
+    def key(self) -> tuple:
+        return (self.op, self.group, self.label, self.shape, self.dtype)
 
 
-def cifar_shapes(batch: int = 128) -> list[tuple[str, tuple[int, ...]]]:
-    """Pre-ReLU stage outputs of WRN-40-2 (teacher) and WRN-16-2 (student): widths 16k with k = 2."""
-    stages = [(32, 32), (64, 16), (128, 8)]
-    return [(f"WRN-40-2→WRN-16-2 stage{i + 1} b{batch}", (batch, c, hw, hw)) for i, (c, hw) in enumerate(stages)]
+Step = Callable[[], Any]
+# (provider output, the oracle of the same mode (oracle_output) or None, tolerance) -> the relative error (None:
+# not a numeric check); raises MismatchError.
+Check = Callable[[Any, Any, float], Optional[float]]
 
 
-def imagenet_shapes(batch: int) -> list[tuple[str, tuple[int, ...]]]:
-    """Pre-ReLU outputs of layer1..layer4 of ResNet-152 (teacher) and ResNet-50 (student): the two share
-    their stage widths and resolutions, so one shape serves both networks."""
-    stages = [(256, 56), (512, 28), (1024, 14), (2048, 7)]
-    return [(f"ResNet-152→ResNet-50 layer{i + 1} b{batch}", (batch, c, hw, hw)) for i, (c, hw) in enumerate(stages)]
+class MismatchError(AssertionError):
+    """A provider's output disagrees with eager's: it is not timed."""
 
 
-def sweep_shape(log2_numel: int) -> tuple[int, ...]:
-    """2**log2_numel elements as (N, 64, 32, 32): a realistic channel count, the batch grows."""
-    per_sample = 64 * 32 * 32
-    if log2_numel < 16:
-        raise ValueError("the sweep starts at 2**16 elements (one 64x32x32 sample)")
-    return (2 ** log2_numel // per_sample, 64, 32, 32)
+def _tensors(output) -> list[torch.Tensor]:
+    return [output] if isinstance(output, torch.Tensor) else [t for t in output if isinstance(t, torch.Tensor)]
 
 
-def plan(device: str, quick: bool, groups: tuple[str, ...] = ("cifar", "imagenet", "sweep")) -> list[Case]:
-    """The cases of one run. CPU runs are trimmed to fit ~10-15 minutes on 2 cores (batch 256 and the sweep
-    in fp32 only); --quick keeps the acceptance case and a few sizes."""
-    on_gpu = device == "cuda"
-    if quick:
-        dtypes = ("fp32", "bf16") if on_gpu else ("fp32",)
-        chosen = {
-            "cifar": [(label, shape, dtypes) for label, shape in cifar_shapes()[:1]],
-            "imagenet": [(label, shape, dtypes) for label, shape in imagenet_shapes(64) if shape == ACCEPTANCE_SHAPE],
-            "sweep": [(f"2^{k}", sweep_shape(k), ("fp32",)) for k in ((16, 20, 24) if on_gpu else (16, 18, 20))],
-        }
-    else:
-        all_dtypes = ("fp32", "bf16", "fp16") if on_gpu else ("fp32", "bf16")
-        large_dtypes = all_dtypes if on_gpu else ("fp32",)
-        chosen = {
-            "cifar": [(label, shape, all_dtypes) for label, shape in cifar_shapes()],
-            "imagenet": [(label, shape, all_dtypes) for label, shape in imagenet_shapes(64)]
-            + [(label, shape, large_dtypes) for label, shape in imagenet_shapes(256)],
-            "sweep": [(f"2^{k}", sweep_shape(k), large_dtypes) for k in range(16, 27, 2)],
-        }
-    return [Case(group, label, shape, dtype)
-            for group in groups for label, shape, dtypes in chosen[group] for dtype in dtypes]
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """Norm-wise ||actual - expected|| / ||expected||: the difference in float32, the norms accumulated in
+    float64, on the tensors' device."""
+    difference = actual.float() - expected.float()
+    scale = torch.linalg.vector_norm(expected, dtype=torch.float64).clamp_min(1e-30)
+    return (torch.linalg.vector_norm(difference, dtype=torch.float64) / scale).item()
 
 
-@dataclass
-class Inputs:
-    student: torch.Tensor  # requires grad
-    teacher: torch.Tensor  # detached, like the teacher's features in training
-    margin: torch.Tensor  # (C,) float32, negative, like margin_from_bn gives
+def _errors(output, expected) -> list[float]:
+    """Per output tensor, its relative error against ``expected``'s; raises if shapes or dtypes differ."""
+    actual, wanted = _tensors(output), _tensors(expected)
+    if len(actual) != len(wanted):
+        raise MismatchError(f"{len(actual)} output tensors, eager gives {len(wanted)}")
+    for index, (a, e) in enumerate(zip(actual, wanted)):
+        if a.shape != e.shape or a.dtype != e.dtype:
+            raise MismatchError(f"output {index} is {a.dtype} {tuple(a.shape)}, eager's {e.dtype} {tuple(e.shape)}")
+    return [relative_error(a, e) for a, e in zip(actual, wanted)]
 
 
-def make_inputs(case: Case, device: str, seed: int = 0) -> Inputs:
-    generator = torch.Generator(device=device).manual_seed(seed)
-    dtype = DTYPES[case.dtype]
-    student = torch.randn(case.shape, generator=generator, device=device, dtype=dtype).requires_grad_()
-    teacher = torch.randn(case.shape, generator=generator, device=device, dtype=dtype)
-    channels = case.shape[1]
-    margin = -0.05 - torch.rand(channels, generator=generator, device=device)
-    return Inputs(student, teacher, margin)
+def matches_eager(output, expected, tolerance: float) -> float:
+    """Every output tensor has eager's shape and dtype and lies within ``tolerance`` of the oracle
+    (``oracle_output``; norm-wise: reductions and GEMMs accumulate in another order than eager). Returns the
+    worst relative error."""
+    if expected is None:
+        raise MismatchError("not checked: eager has no result for this case")
+    errors = _errors(output, expected)
+    for index, error in enumerate(errors):
+        if not error <= tolerance:  # NaN fails too
+            raise MismatchError(f"output {index} differs from eager by {error:.3g} (norm-wise; tolerance {tolerance:g})")
+    return max(errors)
 
 
-Step = Callable[[], torch.Tensor]
+HALF_DTYPES = ("bf16", "fp16")
 
 
-def loss_steps(loss_fn: Callable, inputs: Inputs) -> dict[str, Step]:
-    """Forward only (no graph, no gradient work) and forward + backward wrt the student."""
-    student_value = inputs.student.detach()
-
-    def forward():
-        with torch.no_grad():
-            return loss_fn(student_value, inputs.teacher, inputs.margin)
-
-    def forward_backward():
-        loss = loss_fn(inputs.student, inputs.teacher, inputs.margin)
-        return torch.autograd.grad(loss, inputs.student)[0]
-
-    return {FORWARD: forward, FORWARD_BACKWARD: forward_backward}
+def oracle_output(op: "OpBench", eager: "Provider", mode: str, inputs, eager_output, case: Case):
+    """What the other providers are checked against: eager's first output; for a half-precision case of an op
+    that can upcast its inputs, eager's math on the same values in float32, rounded to the dtypes eager returns
+    (eager rounds its intermediates to half precision: its bf16 softmaxes are off by up to 7 %, its fp16 KD sum
+    overflows at 256k classes). Returns (oracle, eager's own error against it or None)."""
+    if op.upcast is None or case.dtype not in HALF_DTYPES:
+        return eager_output, None
+    exact = _tensors(eager.build(op.upcast(inputs))[mode]())
+    oracle = tuple(e.to(o.dtype) for e, o in zip(exact, _tensors(eager_output)))
+    return oracle, max(_errors(eager_output, oracle))
 
 
-def roofline_steps(inputs: Inputs) -> dict[str, Step]:
-    """One elementwise op that reads two feature-sized tensors and writes one, allocating its output like
-    an op does: the same bytes as the fused forward + backward, the floor that kernel can aim for."""
-    student_value = inputs.student.detach()
-    return {FORWARD_BACKWARD: lambda: torch.mul(student_value, inputs.teacher)}
-
-
-def roofline_out_steps(inputs: Inputs) -> dict[str, Step]:
-    """The same op writing into a preallocated output: no allocation or first-touch page faults."""
-    student_value = inputs.student.detach()
-    out = torch.empty_like(student_value)
-    return {FORWARD_BACKWARD: lambda: torch.mul(student_value, inputs.teacher, out=out)}
+def writes_like_eager_gradient(output, expected, _tolerance: float) -> None:
+    """A floor computes something else than the op; what it must share is the traffic: it writes a tensor of
+    the size and dtype of the student gradient eager returns (the first of eager's outputs)."""
+    if expected is None:
+        raise MismatchError("not checked: eager has no result for this case")
+    gradient = _tensors(expected)[0]
+    if not any(t.numel() == gradient.numel() and t.dtype == gradient.dtype for t in _tensors(output)):
+        raise MismatchError(f"writes no {gradient.dtype} tensor of {gradient.numel()} elements (the gradient)")
+    return None
 
 
 @dataclass(frozen=True)
 class Provider:
     name: str
     # Builds the timed callables of one case, per mode; called once per case (compile wrappers are fresh).
-    build: Callable[[Inputs], dict[str, Step]]
-    modes: tuple[str, ...] = MODES
-    # Entered around everything measured of one case (its build, timing and memory).
+    build: Callable[[Any], dict[str, Step]]
+    modes: tuple[str, ...]
+    # How its first output is checked against eager's before it is timed (None: it is eager).
+    check: Optional[Check] = matches_eager
+    # Entered around everything measured of one case (its build, check, timing and memory).
     context: Callable[[], ContextManager] = contextlib.nullcontext
+
+
+@dataclass(frozen=True)
+class Target:
+    """A stated goal for the fused providers of an op: ``metric`` (a row field, e.g. "speedup_vs_eager",
+    "ratio_vs_floor") at least (relation ">=") or at most ("<=") ``bound``, on the cases of the given labels
+    (None: the op's acceptance cases). PASS/MISS on the devices it is stated for, "info" elsewhere."""
+    metric: str
+    relation: str
+    bound: float
+    labels: Optional[tuple[str, ...]] = None
+    devices: tuple[str, ...] = ("cpu",)
+
+
+@dataclass(frozen=True)
+class OpBench:
+    """One op of the suite, as data: the shared runner (run.py) does the rest."""
+    name: str
+    title: str
+    # (device, quick) -> the cases of a run.
+    plan: Callable[[str, bool], list[Case]]
+    # (case, device) -> what the providers' build functions take.
+    make_inputs: Callable[[Case, str], Any]
+    # (device, compile_dynamic) -> providers, eager first.
+    providers: Callable[[str, bool], list[Provider]]
+    floor: str  # the provider whose time is the op's floor (ratio_vs_floor)
+    tolerance: dict[str, float]  # per case dtype: how far a provider may be from eager (norm-wise)
+    size: Callable[[Case], float]  # the plots' x axis
+    size_label: str
+    modes: tuple[str, ...] = LOSS_MODES
+    main_mode: str = FORWARD_BACKWARD  # the mode of the summary tables, the floor and the memory measurement
+    # Bytes any implementation must move / floating-point work, per mode (None: not meaningful).
+    bytes_moved: Callable[[Case, str], Optional[int]] = lambda case, mode: None
+    flops: Callable[[Case, str], Optional[int]] = lambda case, mode: None
+    # Bytes of "one tensor", the unit of peak_extra_tensors (None: not reported).
+    unit_bytes: Callable[[Case], Optional[int]] = lambda case: None
+    shape_text: Callable[[Case], str] = lambda case: "x".join(map(str, case.shape))
+    # GPU headline time: device time of a CUDA-graph replay (small ops, host-bound otherwise), or CUDA events
+    # around plain calls (a training step: its kernels outlast its host work).
+    cuda_graph: bool = True
+    budget: Callable[[str, bool], measure.Budget] = measure.default_budget
+    # Why the op cannot run here (a missing optional package), or None.
+    unavailable: Callable[[str], Optional[str]] = lambda device: None
+    targets: tuple[Target, ...] = ()
+    # A second mode whose time is reported as a share of the main mode's (distill_step's loss part).
+    share_mode: Optional[str] = None
+    # inputs -> the same values in float32, for the oracle of half-precision cases (None: eager is the oracle).
+    upcast: Optional[Callable[[Any], Any]] = None
+    # (device) -> small cases for the pytest-benchmark microbenchmarks ([]: none).
+    micro_cases: Callable[[str], list[Case]] = lambda device: []
+    notes: tuple[str, ...] = ()  # lines printed under the op's heading in the reports
+
+    def metadata(self) -> dict:
+        """What the reports and plots read from a results JSON without importing the op modules."""
+        return {"title": self.title, "floor": self.floor, "size_label": self.size_label, "modes": list(self.modes),
+                "main_mode": self.main_mode, "share_mode": self.share_mode, "cuda_graph": self.cuda_graph,
+                "notes": list(self.notes)}
+
+
+# ---- which ofdkern backends run an op ----------------------------------------------------------------------
+
+# The extension op the C++ backends ("cpu", "cuda") need to run each benchmarked op; None: that op's C++
+# backends are plain ATen code, which runs on the backend's own device type whatever the build.
+# The public op each benchmark measures (distill_step: OFDDistiller's loss is ofd_loss).
+PUBLIC_OP = {
+    "ofd": "ofd_loss",
+    "channel_align": "channel_align_loss",
+    "attention_transfer": "attention_transfer_loss",
+    "kd": "kd_loss",
+    "distill_step": "ofd_loss",
+}
+
+
+def op_backends(op: str, device: str) -> list[str]:
+    """The fused ofdkern backends that run ``op`` on ``device`` tensors here (``ofdkern.backend_status(op)``).
+    Triton on CPU tensors only runs in its interpreter, which is not a performance path: never listed for CPU."""
+    status = ofdkern.backend_status(PUBLIC_OP[op])
+    candidates = ("cuda", "triton") if device == "cuda" else ("cpu",)
+    return [backend for backend in candidates if device in status[backend]["devices"]]
+
+
+# ---- providers of the loss ops ----------------------------------------------------------------------------
+
+@dataclass
+class LossInputs:
+    args: tuple  # positional arguments of the op's loss functions
+    grad_inputs: tuple  # what forward + backward differentiates with respect to (the student side)
+
+
+def upcast_loss_inputs(inputs: LossInputs) -> LossInputs:
+    """The same values with every half-precision tensor in float32 (leaves, requiring grad as before)."""
+    upcast = {}
+    for tensor in inputs.args:
+        if isinstance(tensor, torch.Tensor) and tensor.dtype in (torch.bfloat16, torch.float16):
+            upcast[id(tensor)] = tensor.detach().float().requires_grad_(tensor.requires_grad)
+    args = tuple(upcast.get(id(a), a) for a in inputs.args)
+    return LossInputs(args, tuple(upcast.get(id(t), t) for t in inputs.grad_inputs))
+
+
+def loss_steps(loss_fn: Callable, inputs: LossInputs) -> dict[str, Step]:
+    """Forward only (no graph, no gradient work) and forward + backward (the gradients of ``grad_inputs``)."""
+    values = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in inputs.args)
+
+    def forward():
+        with torch.no_grad():
+            return loss_fn(*values)
+
+    def forward_backward():
+        return torch.autograd.grad(loss_fn(*inputs.args), inputs.grad_inputs)
+
+    return {FORWARD: forward, FORWARD_BACKWARD: forward_backward}
+
+
+def loss_providers(op: str, device: str, compile_dynamic: bool, reference_fn: Callable,
+                   fused_fn: Callable[[str], Callable]) -> list[Provider]:
+    """eager (``reference_fn``), torch.compile of it, and ``fused_fn(backend)`` for every backend that runs ``op``."""
+    return [
+        Provider(EAGER, lambda inputs: loss_steps(reference_fn, inputs), LOSS_MODES, check=None),
+        Provider(COMPILE, lambda inputs: loss_steps(torch.compile(reference_fn, dynamic=compile_dynamic), inputs),
+                 LOSS_MODES),
+        *[Provider(FUSED_PREFIX + backend, lambda inputs, backend=backend: loss_steps(fused_fn(backend), inputs),
+                   LOSS_MODES) for backend in op_backends(op, device)],
+    ]
+
+
+COPY_ROOFLINE = "copy-roofline"
+
+
+def copy_roofline_providers() -> list[Provider]:
+    """The floor of the elementwise / reduction ops, whose fused forward + backward reads the two inputs once
+    and writes the student gradient once: one elementwise op over the first two loss arguments (student and
+    teacher, same shape) that reads both and writes one tensor like them. ``copy-roofline`` allocates its
+    output as an op does; ``copy-roofline-out`` writes a preallocated one (no allocation, no first-touch page
+    faults)."""
+    def allocating(inputs: LossInputs):
+        a, b = (x.detach() for x in inputs.args[:2])
+        return {FORWARD_BACKWARD: lambda: torch.mul(a, b)}
+
+    def preallocated(inputs: LossInputs):
+        a, b = (x.detach() for x in inputs.args[:2])
+        out = torch.empty_like(a)
+        return {FORWARD_BACKWARD: lambda: torch.mul(a, b, out=out)}
+
+    return [Provider(COPY_ROOFLINE, allocating, (FORWARD_BACKWARD,), check=writes_like_eager_gradient),
+            Provider(COPY_ROOFLINE + "-out", preallocated, (FORWARD_BACKWARD,), check=writes_like_eager_gradient)]
+
+
+def elementwise_bytes(case: Case, mode: str) -> int:
+    """Bytes an elementwise / reduction op must move over two equal-size inputs: read both; forward +
+    backward also writes the student gradient (the copy-roofline's three tensors). Only feature-sized
+    traffic counts (a margin, a loss scalar are negligible)."""
+    tensors = 2 if mode == FORWARD else 3
+    return tensors * case.numel * case.element_size
+
+
+def feature_bytes(case: Case) -> int:
+    return case.numel * case.element_size
 
 
 @contextlib.contextmanager
@@ -160,38 +308,12 @@ def cpu_buffer_cache_off():
         ofdkern.set_cpu_buffer_cache_limit(previous)
 
 
-def compiled_reference(dynamic: bool) -> Callable:
-    return torch.compile(reference.ofd_loss, dynamic=dynamic)
+def seeded_generator(device: str, seed: int = 0) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed)
 
 
-def ofdkern_backends(device: str) -> list[str]:
-    """The fused backends that run on ``device`` here. Triton on CPU tensors only runs in its interpreter,
-    which is not a performance path, so it is never benchmarked on CPU."""
-    status = ofdkern.backend_status()
-    candidates = ("cuda", "triton") if device == "cuda" else ("cpu",)
-    return [name for name in candidates if device in status[name]["devices"]]
-
-
-def providers(device: str, compile_dynamic: bool = False) -> list[Provider]:
-    def fused(backend):
-        return lambda inputs: loss_steps(lambda s, t, m: ofdkern.ofd_loss(s, t, m, backend=backend), inputs)
-
-    backends = ofdkern_backends(device)
-    fused_providers = [Provider(f"ofdkern-{backend}", fused(backend)) for backend in backends]
-    if "cpu" in backends and ofdkern.cpu_buffers.HAS_CACHE:
-        # The cache is what a training loop gets; the uncached run shows how much of the speed-up it brings.
-        fused_providers.append(Provider("ofdkern-cpu-nocache", fused("cpu"), context=cpu_buffer_cache_off))
-    return [
-        Provider("eager", lambda inputs: loss_steps(reference.ofd_loss, inputs)),
-        Provider("compile", lambda inputs: loss_steps(compiled_reference(compile_dynamic), inputs)),
-        *fused_providers,
-        Provider("copy-roofline", roofline_steps, modes=(FORWARD_BACKWARD,)),
-        Provider("copy-roofline-out", roofline_out_steps, modes=(FORWARD_BACKWARD,)),
-    ]
-
-
-def bytes_moved(case: Case, mode: str) -> int:
-    """Bytes any implementation must move: read student and teacher; forward + backward also writes the
-    student gradient (the roofline op moves the same three tensors)."""
-    tensors = 2 if mode == FORWARD else 3
-    return tensors * case.numel * case.element_size
+def randn(shape: tuple[int, ...], case: Case, generator: torch.Generator, device: str,
+          scale: float = 1.0) -> torch.Tensor:
+    """Standard-normal values (times ``scale``) in the case's dtype."""
+    values = torch.randn(shape, generator=generator, device=device, dtype=case.torch_dtype)
+    return values.mul_(scale) if scale != 1.0 else values

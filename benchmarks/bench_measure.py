@@ -1,5 +1,5 @@
-"""How the OFD benchmarks measure: wall time, peak extra memory, the machine's copy bandwidth and what
-the machine is. Methodology in benchmarks/README.md.
+"""How the benchmarks measure, whatever the op: wall time, peak extra memory, the machine's copy bandwidth and
+what the machine is. Methodology in benchmarks/README.md.
 """
 from __future__ import annotations
 
@@ -27,17 +27,25 @@ _L2_FLUSH_BYTES = 256 * 2**20
 
 @dataclass(frozen=True)
 class Budget:
-    """Reps per measurement: enough to fill target_s, within [min_reps, max_reps]."""
+    """Reps per measurement: enough to fill target_s, within [min_reps, max_reps]; the CPU peak memory is the
+    minimum over memory_reps calls."""
     warmup: int
     min_reps: int
     max_reps: int
     target_s: float
+    memory_reps: int = 3
 
 
-QUICK_BUDGET = Budget(warmup=1, min_reps=3, max_reps=10, target_s=0.15)
+QUICK_BUDGET = Budget(warmup=1, min_reps=3, max_reps=10, target_s=0.15, memory_reps=1)
 FULL_BUDGET = Budget(warmup=1, min_reps=3, max_reps=50, target_s=1.0)
 GPU_QUICK_BUDGET = Budget(warmup=3, min_reps=10, max_reps=100, target_s=0.1)
 GPU_FULL_BUDGET = Budget(warmup=3, min_reps=20, max_reps=200, target_s=0.2)
+
+
+def default_budget(device: str, quick: bool) -> Budget:
+    if device == "cuda":
+        return GPU_QUICK_BUDGET if quick else GPU_FULL_BUDGET
+    return QUICK_BUDGET if quick else FULL_BUDGET
 
 
 @dataclass
@@ -64,14 +72,18 @@ def _synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_step(step: Callable[[], torch.Tensor], device: str, budget: Budget) -> Timing:
-    """Warm up (the first call compiles), then time each rep: perf_counter on CPU, CUDA events around
-    the call on GPU with L2 flushed before each rep. Outputs are released outside the timed region and
-    the garbage collector is paused while timing."""
+def first_call(step: Callable[[], object], device: str) -> tuple[object, float]:
+    """The step's first call (torch.compile compiles here): its output, to check, and its duration."""
     start = time.perf_counter()
-    step()
+    output = step()
     _synchronize(device)
-    first_call_s = time.perf_counter() - start
+    return output, time.perf_counter() - start
+
+
+def time_step(step: Callable[[], object], device: str, budget: Budget, first_call_s: float) -> Timing:
+    """After the step's first call (``first_call``): warm up, then time each rep: perf_counter on CPU, CUDA
+    events around the call on GPU with L2 flushed before each rep. Outputs are released outside the timed
+    region and the garbage collector is paused while timing."""
     estimate_s = first_call_s
     for _ in range(budget.warmup):
         start = time.perf_counter()
@@ -113,7 +125,7 @@ def _time_cuda(step, reps: int) -> list[float]:
     return [start.elapsed_time(end) * 1e-3 for start, end in zip(starts, ends)]
 
 
-def time_step_cuda_graph(step: Callable[[], torch.Tensor], reps: int) -> list[float]:
+def time_step_cuda_graph(step: Callable[[], object], reps: int) -> list[float]:
     """Device time of ``step`` without its host work: the step (already warmed up by ``time_step``) is
     captured once in a CUDA graph and the graph is replayed ``reps`` times, L2 flushed before each replay,
     CUDA events around each. Python, dispatch and the autograd engine run once, at capture; what is left is
@@ -212,13 +224,14 @@ def _peak_extra_cuda(step) -> int:
 
 MEMORY_METHODS = {
     "cpu": "VmHWM after the call minus VmRSS before it, after malloc_trim(0), ofdkern.empty_cpu_buffer_cache() and "
-           "echo 5 > /proc/self/clear_refs; minimum of 3 calls",
+           "echo 5 > /proc/self/clear_refs; minimum over the budget's memory_reps calls",
     "cuda": "torch.cuda.max_memory_allocated() after reset_peak_memory_stats(), minus memory_allocated() before",
 }
 
 
-def peak_extra_bytes(step, device: str, reps: int = 3) -> int:
-    """Peak memory one call needs beyond its inputs, its returned output included."""
+def peak_extra_bytes(step, device: str, reps: int) -> int:
+    """Peak memory one call needs beyond its inputs, its returned output included (CPU: the minimum over
+    ``reps`` calls)."""
     return _peak_extra_cuda(step) if device == "cuda" else _peak_extra_cpu(step, reps)
 
 
@@ -231,7 +244,12 @@ def copy_bandwidth(device: str, quick: bool) -> dict:
     src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
     budget = Budget(warmup=2, min_reps=5 if quick else 10, max_reps=20 if quick else 50, target_s=0.3)
-    summary = time_step(lambda: dst.copy_(src), device, budget).summary()
+
+    def copy():
+        return dst.copy_(src)
+
+    _, first_call_s = first_call(copy, device)
+    summary = time_step(copy, device, budget, first_call_s).summary()
     moved = 2 * nbytes
     return {"bytes_per_copy": moved, "median_ms": summary["median_ms"], "reps": summary["reps"],
             "gb_per_s": moved / (summary["median_ms"] * 1e-3) / 1e9,
