@@ -179,7 +179,7 @@ struct RowBlocks {
 struct CpuDevice {
   static at::ScalarType gemm_dtype(at::ScalarType compute_dtype) { return accumulation_dtype(compute_dtype); }
   // 32 MiB of tile buffers: a few large tiles, so a handful of parallel regions per call.
-  static constexpr int64_t kTileBytes = int64_t{32} << 20;
+  static int64_t tile_bytes(int64_t) { return int64_t{32} << 20; }
 
   static void run_tile(const AlignProblem& p, const AlignTile& tile) {
     const std::vector<TileColumns> blocks = column_blocks(p, tile);

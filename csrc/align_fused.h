@@ -69,7 +69,8 @@ inline AlignFeature align_feature(const at::Tensor& feature, const char* name) {
   expected[1] = 1;
   expected[0] = step;
   bool inner = true;
-  for (int64_t d = 0; d < feature.dim(); ++d) inner = inner && (feature.size(d) == 1 || feature.stride(d) == expected[d]);
+  for (int64_t d = 0; d < feature.dim(); ++d)
+    inner = inner && (feature.size(d) == 1 || feature.stride(d) == expected[d]);
   TORCH_CHECK_VALUE(inner, "align_fused: ", name, " must be contiguous or channels_last, got strides ",
                     feature.strides(), " for shape ", feature.sizes());
   return {at::as_strided(feature, {batch, channels, positions}, {positions * channels, 1, channels}), true};
@@ -167,9 +168,10 @@ inline void check_align_weight(const at::Tensor& weight, const char* name, at::I
                     ", got ", weight.device());
 }
 
-// Device: the GEMM dtype of a compute dtype, the tile buffers' budget, and the work of one tile:
+// Device: the GEMM dtype of a compute dtype, the tile buffers' budget given what buffers for every pixel
+// would take, and the work of one tile:
 //   static at::ScalarType gemm_dtype(at::ScalarType compute_dtype);
-//   static constexpr int64_t kTileBytes;
+//   static int64_t tile_bytes(int64_t all_pixels_bytes);
 //   static void run_tile(const AlignProblem& problem, const AlignTile& tile);
 template <typename Device>
 AlignOutputs align_fused(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& w1,
@@ -233,8 +235,8 @@ AlignOutputs align_fused(const at::Tensor& student, const at::Tensor& teacher, c
   p.b2 = b2.detach().to(acc);
   const int64_t bytes_per_pixel =
       (p.s_channels + 2 * p.hidden + p.t_channels) * at::elementSize(gemm.dtype().toScalarType());
-  const std::vector<AlignTile> tiles =
-      align_tiles(batch, positions, std::max<int64_t>(128, Device::kTileBytes / bytes_per_pixel));
+  const int64_t tile_pixels = Device::tile_bytes(batch * positions * bytes_per_pixel) / bytes_per_pixel;
+  const std::vector<AlignTile> tiles = align_tiles(batch, positions, std::max<int64_t>(128, tile_pixels));
   const int64_t most_pixels = tiles.front().pixels();
   p.x_storage = at::empty({p.s_channels * most_pixels}, gemm);
   p.h_storage = at::empty({p.hidden * most_pixels}, gemm);

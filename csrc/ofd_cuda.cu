@@ -8,28 +8,20 @@
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAMacros.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <array>
-#include <atomic>
 #include <cstdint>
 #include <type_traits>
 
+#include "cuda_launch.cuh"
 #include "ofd_fused.h"
 #include "ofd_math.h"
 
 namespace ofdkern {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kWarpSize = 32;
-// Resident blocks per SM: 1024 threads each with 128-bit loads in flight saturate HBM.
-constexpr int kBlocksPerSm = 4;
-// Fewest elements per thread before another block is added: tiny inputs get few partials.
-constexpr int64_t kMinElementsPerThread = 8;
 constexpr int kVectorBytes = 16;
 
 // Register image of n consecutive elements, aligned so that one load/store moves it whole.
@@ -125,26 +117,6 @@ __device__ __forceinline__ void ofd_pack(const FusedPointers<scalar_t, acc_t>& p
     *reinterpret_cast<Pack<acc_t, n>*>(p.grad_margin + offset) = d_margin;
 }
 
-// Sum over the block in a fixed tree (warp shuffles, then the warp totals); valid in thread 0.
-template <typename acc_t>
-__device__ acc_t block_sum(acc_t value) {
-  __shared__ acc_t warp_totals[kThreads / kWarpSize];
-#pragma unroll
-  for (int offset = kWarpSize / 2; offset > 0; offset /= 2)
-    value += __shfl_down_sync(0xffffffffu, value, offset);
-  const int warp = threadIdx.x / kWarpSize;
-  const int lane = threadIdx.x % kWarpSize;
-  if (lane == 0) warp_totals[warp] = value;
-  __syncthreads();
-  if (warp == 0) {
-    value = lane < kThreads / kWarpSize ? warp_totals[lane] : acc_t(0);
-#pragma unroll
-    for (int offset = kWarpSize / 2; offset > 0; offset /= 2)
-      value += __shfl_down_sync(0xffffffffu, value, offset);
-  }
-  return value;
-}
-
 // The grid-stride loop over this thread's whole vectors, from memory offset `offset`.
 template <unsigned kOut, int kVec, bool kOneChannel, typename scalar_t, typename acc_t>
 __device__ __forceinline__ void ofd_vectors(const FusedPointers<scalar_t, acc_t>& p, int64_t offset,
@@ -181,24 +153,6 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
     sum = block_sum(sum);
     if (threadIdx.x == 0) partials[blockIdx.x] = sum;
   }
-}
-
-int sm_count(c10::DeviceIndex device) {
-  static std::array<std::atomic<int>, C10_COMPILE_TIME_MAX_GPUS> cache{};
-  int count = cache[device].load(std::memory_order_relaxed);
-  if (count == 0) {
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
-    cache[device].store(count, std::memory_order_relaxed);
-  }
-  return count;
-}
-
-// A function of the device and numel only, so that the partials (and the loss bits) are reproducible.
-int grid_size(int64_t numel, c10::DeviceIndex device) {
-  if (numel == 0) return 0;
-  const int64_t by_work = (numel + kThreads * kMinElementsPerThread - 1) /
-                          (kThreads * kMinElementsPerThread);
-  return static_cast<int>(std::min<int64_t>(by_work, int64_t{sm_count(device)} * kBlocksPerSm));
 }
 
 bool aligned(const void* pointer, int64_t bytes) {

@@ -1,6 +1,6 @@
-"""Exercises every instance of the CUDA kernels of ``ofdkern::ofd_fused`` and ``ofdkern::scale_`` on small,
-awkward inputs, for tools/sanitize_cuda.sh (compute-sanitizer memcheck / racecheck) and as a plain GPU smoke
-test.
+"""Exercises every instance of the CUDA kernels of ``ofdkern::ofd_fused``, ``ofdkern::scale_`` and
+``ofdkern::align_fused`` on small, awkward inputs, for tools/sanitize_cuda.sh (compute-sanitizer memcheck /
+racecheck) and as a plain GPU smoke test.
 
 Covers: all 16 output combinations (loss reduced or per element x each gradient), fp32/fp64/fp16/bf16,
 NCHW, channels_last, channels_last_3d, 2-D features, a size-1 channel dim, sizes that leave a scalar tail,
@@ -9,7 +9,9 @@ one element into their storage (misaligned: the scalar kernels), inputs large en
 more than once over the grid, exact ties t == margin, and an empty tensor.
 Outputs are checked against the C++ CPU kernel, reruns against themselves (bitwise), scale_ against the
 float32 (float64) product rounded once, and the public ``ofd_loss(backend="cuda")`` with autograd against
-the eager reference. Exit status 1 on any mismatch.
+the eager reference. align_fused: NCHW, channels_last and mixed layouts, with and without a margin, every
+gradient combination, 2-D features, one pixel, several tiles, an empty batch, against its C++ CPU kernel.
+Exit status 1 on any mismatch.
 """
 from __future__ import annotations
 
@@ -139,6 +141,47 @@ def check_scale(numel, offset, dtype) -> None:
     check(torch.equal(storage[:offset], head), f"{what}: wrote before the view")
 
 
+# align_fused: (batch, student channels, hidden, teacher channels, spatial, student layout, teacher layout).
+# 2 x 96 x 48 x 48 fp32 needs two tiles of the CUDA kernel's smallest budget.
+ALIGN_CASES = [
+    (2, 5, 7, 6, (3, 7), "contiguous", "contiguous"),
+    (2, 5, 7, 6, (3, 7), "channels_last", "channels_last"),
+    (2, 5, 7, 6, (3, 7), "contiguous", "channels_last"),
+    (3, 5, 7, 6, (), "contiguous", "contiguous"),
+    (1, 4, 3, 2, (1, 1), "contiguous", "contiguous"),
+    (0, 5, 7, 6, (3, 7), "contiguous", "contiguous"),
+    (2, 96, 160, 200, (48, 48), "channels_last", "contiguous"),
+]
+
+
+def check_align(case, dtype, margin_wanted, grads) -> None:
+    batch, cs, hidden, ct, spatial, s_layout, t_layout = case
+    generator = torch.Generator().manual_seed(13)
+
+    def feature(channels, layout):
+        x = torch.randn(batch, channels, *spatial, generator=generator).to(dtype)
+        return x.to(memory_format=MEMORY_FORMATS[layout]) if len(spatial) == 2 else x
+
+    student, teacher = feature(cs, s_layout), feature(ct, t_layout)
+    weights = [torch.randn(shape, generator=generator).to(dtype) / shape[-1] ** 0.5
+               for shape in ((hidden, cs), (hidden,), (ct, hidden), (ct,))]
+    margin = -torch.rand(ct, generator=generator).to(accumulation_dtype(dtype)) if margin_wanted else None
+    args = [student, teacher, *weights, margin, *grads]
+    on_gpu = [x.cuda() if isinstance(x, torch.Tensor) else x for x in args]
+    expected = torch.ops.ofdkern.align_fused(*args)
+    got = torch.ops.ofdkern.align_fused(*on_gpu)
+    again = torch.ops.ofdkern.align_fused(*on_gpu)
+    what = f"align_fused {case} {dtype} margin={margin_wanted} grads={grads}"
+    names = ("loss", "grad_student", "grad_teacher", "grad_w1", "grad_b1", "grad_w2", "grad_b2")
+    for name, a, b, c in zip(names, got, expected, again):
+        check(a.shape == b.shape and a.dtype == b.dtype, f"{what}: {name} shape/dtype {a.shape} {a.dtype}")
+        check(torch.equal(a, c), f"{what}: {name} differs between two runs")
+        if a.numel() and a.shape == b.shape:
+            scale = b.abs().max().item() or 1.0
+            check(torch.allclose(a.cpu().double(), b.double(), rtol=0, atol=TOLERANCE[dtype] * 4 * scale),
+                  f"{what}: {name} differs from the CPU kernel")
+
+
 def main() -> int:
     status = ofdkern.backend_status()["cuda"]
     if not status["available"]:
@@ -154,6 +197,10 @@ def main() -> int:
         check_public((3, 5, 7, 9), "channels_last", 1, dtype)
         for numel, offset in SCALE_CASES:
             check_scale(numel, offset, dtype)
+        for case in ALIGN_CASES:
+            for margin_wanted in (False, True):
+                for grads in ((False, False, False), (True, True, True), (True, False, False), (False, True, False)):
+                    check_align(case, dtype, margin_wanted, grads)
     torch.cuda.synchronize()
     print(f"{len(failures)} failures", flush=True)
     return 1 if failures else 0

@@ -1,0 +1,176 @@
+// CUDA kernel of the fused channel-wise alignment op: the tile pipeline of align_fused.h with cuBLAS GEMMs
+// through ATen in the compute dtype (tensor cores for bfloat16/float16; for float32, TF32 exactly when torch's
+// matmul precision allows it), and one elementwise kernel after each forward GEMM and after dH.
+//
+// Per tile: H = W1 X and the bias + ReLU kernel; Y = W2 H and the loss kernel (dY in place of Y, the teacher's
+// gradient, per-block loss partials); dW2 += dY H^T and db2 += rows(dY) (accumulated in float32 for half
+// precision); dH = W2^T dY and the ReLU-backward kernel; dW1 += dH X^T, db1 += rows(dH); d student = W1^T dH.
+// Determinism: cuBLAS and ATen's sums give the same bits run to run, the loss partials come from a grid that
+// depends only on the device and the tile, and they are summed in a fixed order. No atomics, no host sync.
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "align_fused.h"
+#include "align_math.h"
+#include "cuda_launch.cuh"
+
+namespace ofdkern {
+namespace {
+
+// h = relu(h + bias[c]) over a channel-major (channels, pixels) buffer.
+template <typename gemm_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    bias_relu_kernel(gemm_t* h, const acc_t* bias, int64_t pixels, int64_t numel) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < numel;
+       i += static_cast<int64_t>(gridDim.x) * kThreads) {
+    h[i] = static_cast<gemm_t>(relu(static_cast<acc_t>(h[i]) + bias[i / pixels]));
+  }
+}
+
+// dh = relu'(h) dh, elementwise.
+template <typename gemm_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads) relu_backward_kernel(gemm_t* dh, const gemm_t* h, int64_t numel) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < numel;
+       i += static_cast<int64_t>(gridDim.x) * kThreads) {
+    dh[i] = static_cast<gemm_t>(relu_backward(static_cast<acc_t>(dh[i]), static_cast<acc_t>(h[i])));
+  }
+}
+
+// Where the loss kernel finds the teacher tile: (samples, channels, positions) strides.
+struct TeacherTile {
+  int64_t sample_stride, channel_stride, position_stride, positions;
+};
+
+// The loss pass over the tile's Y buffer, in its memory order: channel-major (channels, pixels) or channels
+// innermost (pixels, channels). Adds the bias, turns y into d loss / d y, writes the teacher's gradient (same
+// strides as the teacher), and one loss partial per block.
+template <bool kOFD, bool kGradTeacher, typename gemm_t, typename teacher_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    align_loss_kernel(gemm_t* y, const teacher_t* t, teacher_t* d_t, const acc_t* bias, const acc_t* margin,
+                      int64_t channels, int64_t pixels, bool channels_inner, TeacherTile tile, acc_t* partials) {
+  acc_t sum = 0;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < channels * pixels;
+       i += static_cast<int64_t>(gridDim.x) * kThreads) {
+    const int64_t c = channels_inner ? i % channels : i / pixels;
+    const int64_t column = channels_inner ? i / channels : i % pixels;
+    const int64_t sample = column / tile.positions, position = column % tile.positions;
+    const int64_t offset = sample * tile.sample_stride + c * tile.channel_stride + position * tile.position_stride;
+    const acc_t tv = static_cast<acc_t>(t[offset]);
+    const acc_t m = kOFD ? margin[c] : acc_t(0);
+    const auto point = align_point<kOFD>(static_cast<acc_t>(y[i]) + bias[c], tv, m);
+    y[i] = static_cast<gemm_t>(point.d_student);
+    if constexpr (kGradTeacher) d_t[offset] = static_cast<teacher_t>(align_teacher_grad<kOFD>(point.d_student, tv, m));
+    sum += point.loss;
+  }
+  sum = block_sum(sum);
+  if (threadIdx.x == 0) partials[blockIdx.x] = sum;
+}
+
+cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream(); }
+
+template <typename Body>
+void with_gemm_type(at::ScalarType dtype, Body body) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "align_cuda", [&] { body(scalar_t{}); });
+}
+
+struct CudaDevice {
+  // GEMMs in the compute dtype: the dtype eager's convolutions run in.
+  static at::ScalarType gemm_dtype(at::ScalarType compute_dtype) { return compute_dtype; }
+  // Large tiles for few launches, yet an eighth of what the buffers of every pixel would take (eager keeps
+  // several of those for its backward): 8 to 256 MiB.
+  static int64_t tile_bytes(int64_t all_pixels_bytes) {
+    return std::clamp(all_pixels_bytes / 8, int64_t{8} << 20, int64_t{256} << 20);
+  }
+
+  // sum += a b, accumulated in sum's (float32 or float64) dtype.
+  static void add_product(const at::Tensor& sum, const at::Tensor& a, const at::Tensor& b) {
+    if (a.scalar_type() == sum.scalar_type()) sum.addmm_(a, b);
+    else sum.add_(at::mm(a, b, sum.scalar_type()));
+  }
+
+  static void add_channel_sums(const at::Tensor& sum, const at::Tensor& m) {
+    sum.add_(at::sum(m, {1}, false, sum.scalar_type()));
+  }
+
+  static void run_tile(const AlignProblem& p, const AlignTile& tile) {
+    const c10::DeviceIndex device = p.w1.device().index();
+    TileBuffer x = p.x(tile), h = p.h(tile), y = p.y(tile);
+    x.grid.copy_(as_grid(feature_tile(p.student, tile)));
+    at::mm_out(h.matrix, p.w1, x.matrix);
+    const int64_t hidden_numel = h.matrix.numel(), pixels = tile.pixels();
+    with_gemm_type(p.w1.scalar_type(), [&](auto zero) {
+      using gemm_t = decltype(zero);
+      using acc_t = accumulation_t<gemm_t>;
+      bias_relu_kernel<gemm_t, acc_t><<<grid_size(hidden_numel, device), kThreads, 0, stream()>>>(
+          h.matrix.mutable_data_ptr<gemm_t>(), p.b1.const_data_ptr<acc_t>(), pixels, hidden_numel);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      at::mm_out(y.matrix, p.w2, h.matrix);
+      run_loss<gemm_t, acc_t>(p, tile, y);
+      if (!p.backward()) return;
+      if (p.grad_weights()) {
+        add_product(p.d_w2, y.matrix, h.matrix.t());
+        add_channel_sums(p.d_b2, y.matrix);
+      }
+      TileBuffer dh = p.dh(tile);
+      at::mm_out(dh.matrix, p.w2.t(), y.matrix);
+      relu_backward_kernel<gemm_t, acc_t><<<grid_size(hidden_numel, device), kThreads, 0, stream()>>>(
+          dh.matrix.mutable_data_ptr<gemm_t>(), h.matrix.const_data_ptr<gemm_t>(), hidden_numel);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if (p.grad_weights()) {
+        add_product(p.d_w1, dh.matrix, x.matrix.t());
+        add_channel_sums(p.d_b1, dh.matrix);
+      }
+      if (p.grad_student.merged.defined()) {
+        at::mm_out(x.matrix, p.w1.t(), dh.matrix);  // x is done: d student takes its place
+        as_grid(feature_tile(p.grad_student, tile)).copy_(x.grid);
+      }
+    });
+  }
+
+  template <typename gemm_t, typename acc_t>
+  static void run_loss(const AlignProblem& p, const AlignTile& tile, const TileBuffer& y) {
+    const at::Tensor t_tile = feature_tile(p.teacher, tile);
+    const at::Tensor d_t_tile = p.grad_teacher.merged.defined() ? feature_tile(p.grad_teacher, tile) : at::Tensor();
+    const int64_t channels = p.t_channels, pixels = tile.pixels();
+    const int grid = grid_size(channels * pixels, p.w1.device().index());
+    const at::Tensor partials = at::empty({grid}, p.loss.options());
+    const TeacherTile where{t_tile.stride(0), t_tile.stride(1), t_tile.stride(2), tile.positions};
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t_tile.scalar_type(), "align_loss_cuda", [&] {
+      auto launch = [&](auto ofd, auto grad_teacher) {
+        align_loss_kernel<decltype(ofd)::value, decltype(grad_teacher)::value, gemm_t, scalar_t, acc_t>
+            <<<grid, kThreads, 0, stream()>>>(
+                y.matrix.mutable_data_ptr<gemm_t>(), t_tile.const_data_ptr<scalar_t>(),
+                grad_teacher ? d_t_tile.mutable_data_ptr<scalar_t>() : nullptr, p.b2.const_data_ptr<acc_t>(),
+                ofd ? p.margin.const_data_ptr<acc_t>() : nullptr, channels, pixels, y.channels_inner, where,
+                partials.mutable_data_ptr<acc_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      };
+      using yes = std::true_type;
+      using no = std::false_type;
+      const bool ofd = p.margin.defined(), grad_teacher = d_t_tile.defined();
+      if (ofd) grad_teacher ? launch(yes{}, yes{}) : launch(yes{}, no{});
+      else grad_teacher ? launch(no{}, yes{}) : launch(no{}, no{});
+    });
+    p.loss.add_(partials.sum());
+  }
+};
+
+AlignOutputs align_fused_cuda(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& w1,
+                              const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2,
+                              const std::optional<at::Tensor>& margin, bool grad_student, bool grad_teacher,
+                              bool grad_weights) {
+  const c10::cuda::CUDAGuard device_guard(student.device());
+  return align_fused<CudaDevice>(student, teacher, w1, b1, w2, b2, margin, grad_student, grad_teacher,
+                                 grad_weights);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ofdkern, CUDA, m) { m.impl("align_fused", &align_fused_cuda); }
+
+}  // namespace ofdkern
