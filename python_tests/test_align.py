@@ -14,6 +14,8 @@ from ofdkern import reference
 from ofdkern.ops import align
 
 from conftest import STATUS
+import op_cases
+from parity import assert_parity
 
 TRITON_HERE = "cpu" in STATUS["triton"]["devices"]
 BACKENDS = ["cpu", "reference"] + (["triton"] if TRITON_HERE else [])
@@ -140,10 +142,20 @@ def test_wide_channels_over_several_tiles(batch, spatial, channels_last):
 
 
 @needs_triton
-def test_triton_refuses_past_its_channel_bound(monkeypatch):
-    monkeypatch.setitem(align.TRITON_MAX_CHANNELS, torch.float64, 4)
-    with pytest.raises(ofdkern.BackendUnavailableError, match=r"channels .* exceed its bound of 4"):
-        check(make_inputs(), make_margin(), "sum", "triton")
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_triton_wide_channels(channels_last):
+    # Past the fused kernel's bound: the tiled pipeline, K-loops over channel blocks (a few pixels, for the
+    # interpreter), including several programs along pixels and channels and a partial last block.
+    margin = -torch.rand(200, generator=torch.Generator().manual_seed(1), dtype=torch.float64) - 0.1
+    for dtype, rtol in ((torch.float64, 1e-10), (torch.float32, 2e-5)):
+        inputs = _wide_inputs(2, (3, 5), dtype, channels_last)
+        check(inputs, None, "mean", "triton", rtol)
+        check(inputs, margin.to(dtype), "sum", "triton", rtol)
+    inputs = _wide_inputs(2, (3, 5), torch.bfloat16, channels_last)
+    check(inputs, margin.float(), "mean", "triton", 2e-2)
+    # NaN and inf through both layers and relu's backward, as autograd through the reference carries them.
+    planted = op_cases.ALIGN.plant_special(_wide_inputs(2, (3, 5), torch.float32, channels_last))
+    assert_parity(op_cases.ALIGN.fused("triton"), op_cases.ALIGN.reference, planted, names=op_cases.ALIGN.names)
 
 
 @pytest.mark.parametrize("backend", ["cpu"] + (["triton"] if TRITON_HERE else []))

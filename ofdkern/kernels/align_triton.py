@@ -1,4 +1,6 @@
-"""Triton kernel of the fused channel-wise alignment loss, with the contract of the C++ op (csrc/align_fused.h).
+"""Triton kernels of the fused channel-wise alignment loss, with the contract of the C++ op (csrc/align_fused.h):
+for narrow layers (every channel count up to ``FUSED_MAX_CHANNELS``) one fused kernel, below; for any other, the
+tiled pipeline of align_tiled_triton.py.
 
 A fixed number of programs each walk every ``num_programs``-th tile of BLOCK_P pixels. Per tile: load the
 student pixels (BLOCK_P x Cs), ``h = relu(x W1^T + b1)`` and ``y = h W2^T + b2`` with tl.dot, the loss terms and
@@ -6,9 +8,8 @@ student pixels (BLOCK_P x Cs), ``h = relu(x W1^T + b1)`` and ``y = h W2^T + b2``
 ``db2 += sum dy``, ``dh = dy W2`` masked by the ReLU, ``dW1 += dh^T x``, ``db1 += sum dh``, ``dx = dh W1``.
 Nothing of size pixels x channels is stored besides the feature gradients. Each program keeps its weight-gradient
 and loss sums in registers and writes them once to its row of a partial buffer; the rows are summed in a fixed
-order afterwards (deterministic, no atomics). Every channel dimension fits one tile
-(``TRITON_MAX_CHANNELS`` in ofdkern/ops/align.py); the dots run in full fp32 (``input_precision="ieee"``, no TF32)
-on loads cast to the accumulation dtype.
+order afterwards (deterministic, no atomics). Every channel dimension fits one tile; the dots run in the
+accumulation dtype on loads cast to it, float32 ones in TF32 as torch's matmul precision allows.
 """
 from __future__ import annotations
 
@@ -17,11 +18,17 @@ import triton
 import triton.language as tl
 
 from .._layout import as_positions, walks_in_place
-from .triton_helpers import (accumulation_dtype, check_dense, check_dtype, check_same_device, check_shape, launch,
-                             ofd_point, relu, relu_backward, stored_as, teacher_share)
+from .align_tiled_triton import align_tiled_triton
+from .triton_helpers import (accumulation_dtype, check_dense, check_dtype, check_same_device, check_shape,
+                             dot_precision, launch, ofd_point, relu, relu_backward, stored_as, teacher_share)
 
 _INTERPRETED_PROGRAMS = 3  # few programs under the interpreter, each looping over several tiles
 _PROGRAMS_PER_SM = 2
+# Largest channel count (student, hidden or teacher) the fused kernel keeps in one tile, per accumulation dtype:
+# its dot operands are staged in shared memory, which for sm_90 PTX came to 96 KiB at 64 fp32 channels (64-pixel
+# tiles) and 57 KiB at 32 fp64 channels (16-pixel tiles); the next power of two would pass the 164 KiB an A100
+# block can have.
+FUSED_MAX_CHANNELS = {torch.float32: 64, torch.float64: 32}
 
 
 @triton.jit
@@ -31,7 +38,7 @@ def _align_kernel(x_ptr, t_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, m_ptr, dx_ptr, d
                   sx_n, sx_c, sx_s, st_n, st_c, st_s, sdx_n, sdx_c, sdx_s, sdt_n, sdt_c, sdt_s,
                   BLOCK_P: tl.constexpr, BLOCK_CS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_CT: tl.constexpr,
                   HAS_MARGIN: tl.constexpr, GRAD_STUDENT: tl.constexpr, GRAD_TEACHER: tl.constexpr,
-                  GRAD_WEIGHTS: tl.constexpr):
+                  GRAD_WEIGHTS: tl.constexpr, PRECISION: tl.constexpr):
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
     acc_ty = loss_part_ptr.dtype.element_ty
@@ -63,9 +70,9 @@ def _align_kernel(x_ptr, t_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, m_ptr, dx_ptr, d
         x_mask = p_ok[:, None] & cs_ok[None, :]
         x = tl.load(x_ptr + n[:, None] * sx_n + cs[None, :] * sx_c + s[:, None] * sx_s, mask=x_mask,
                     other=0).to(acc_ty)
-        pre = tl.dot(x, tl.trans(w1), input_precision="ieee") + b1[None, :]
+        pre = tl.dot(x, tl.trans(w1), input_precision=PRECISION) + b1[None, :]
         h = relu(pre)
-        y = tl.dot(h, tl.trans(w2), input_precision="ieee") + b2[None, :]
+        y = tl.dot(h, tl.trans(w2), input_precision=PRECISION) + b2[None, :]
         valid = p_ok[:, None] & ct_ok[None, :]
         t_offsets = n[:, None] * st_n + ct[None, :] * st_c + s[:, None] * st_s
         t = tl.load(t_ptr + t_offsets, mask=valid, other=0).to(acc_ty)
@@ -86,14 +93,14 @@ def _align_kernel(x_ptr, t_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, m_ptr, dx_ptr, d
             dt_offsets = n[:, None] * sdt_n + ct[None, :] * sdt_c + s[:, None] * sdt_s
             tl.store(dt_ptr + dt_offsets, stored_as(d_t, dt_ptr), mask=valid)
         if GRAD_STUDENT or GRAD_WEIGHTS:
-            d_h = relu_backward(tl.dot(d_y, w2, input_precision="ieee"), pre)
+            d_h = relu_backward(tl.dot(d_y, w2, input_precision=PRECISION), pre)
             if GRAD_WEIGHTS:
-                d_w2 += tl.dot(tl.trans(d_y), h, input_precision="ieee")
+                d_w2 += tl.dot(tl.trans(d_y), h, input_precision=PRECISION)
                 d_b2 += tl.sum(d_y, axis=0)
-                d_w1 += tl.dot(tl.trans(d_h), x, input_precision="ieee")
+                d_w1 += tl.dot(tl.trans(d_h), x, input_precision=PRECISION)
                 d_b1 += tl.sum(d_h, axis=0)
             if GRAD_STUDENT:
-                d_x = tl.dot(d_h, w1, input_precision="ieee")
+                d_x = tl.dot(d_h, w1, input_precision=PRECISION)
                 dx_offsets = n[:, None] * sdx_n + cs[None, :] * sdx_c + s[:, None] * sdx_s
                 tl.store(dx_ptr + dx_offsets, stored_as(d_x, dx_ptr), mask=x_mask)
     row = pid.to(tl.int64)
@@ -155,13 +162,10 @@ def align_fused_triton(student, teacher, w1, b1, w2, b2, margin, grad_student: b
     """The fused op with the contract of csrc/align_fused.h: (loss, grad_student, grad_teacher, grad_w1,
     grad_b1, grad_w2, grad_b2)."""
     _check_contract(student, teacher, w1, b1, w2, b2, margin)
-    # Cast once here: the kernel computes in the accumulation dtype and never converts a weight itself.
-    acc = accumulation_dtype(w1.dtype)
-    w1, b1, w2, b2 = (p.to(acc) for p in (w1, b1, w2, b2))
+    compute, acc = w1.dtype, accumulation_dtype(w1.dtype)
     student3, teacher3 = as_positions(student), as_positions(teacher)
     batch, s_channels, positions = student3.shape
     hidden, t_channels = w1.shape[0], w2.shape[0]
-    pixels = batch * positions
 
     def feature_grad(wanted, feature):
         if not wanted:
@@ -169,7 +173,17 @@ def align_fused_triton(student, teacher, w1, b1, w2, b2, margin, grad_student: b
         return torch.empty_strided(feature.shape, feature.stride(), dtype=feature.dtype, device=feature.device)
 
     d_student, d_teacher = feature_grad(grad_student, student), feature_grad(grad_teacher, teacher)
-    # Shared memory of a tile grows with the pixels it holds (see TRITON_MAX_CHANNELS in ofdkern/ops/align.py).
+    d_student3 = as_positions(d_student) if grad_student else None
+    d_teacher3 = as_positions(d_teacher) if grad_teacher else None
+    # Cast once here: the kernels never convert a bias or a margin themselves.
+    b1, b2 = b1.to(acc), b2.to(acc)
+    if max(s_channels, hidden, t_channels) > FUSED_MAX_CHANNELS[acc]:
+        d_weights = [w1.new_zeros(p.shape, dtype=acc) for p in (w1, b1, w2, b2)] if grad_weights else None
+        loss = align_tiled_triton(student3, teacher3, w1, b1, w2, b2, margin, d_student3, d_teacher3, d_weights)
+        return (loss, d_student, d_teacher, *(d_weights or [w1.new_empty((0,), dtype=acc) for _ in range(4)]))
+    w1, w2 = w1.to(acc), w2.to(acc)
+    pixels = batch * positions
+    # Shared memory of a tile grows with the pixels it holds (see FUSED_MAX_CHANNELS).
     block_p = 64 if student.is_cuda and acc == torch.float32 else 16
     programs = _program_count(student.device, triton.cdiv(pixels, block_p))
     new = w1.new_zeros
@@ -177,14 +191,14 @@ def align_fused_triton(student, teacher, w1, b1, w2, b2, margin, grad_student: b
     parts = [new((programs, *p.shape)) for p in (w1, b1, w2, b2)] if grad_weights else [loss_part] * 4
     if pixels > 0:
         # Buffers that are not asked for get a pointer the kernel never touches.
-        d_student3 = as_positions(d_student) if grad_student else student3
-        d_teacher3 = as_positions(d_teacher) if grad_teacher else teacher3
+        d_student3 = d_student3 if grad_student else student3
+        d_teacher3 = d_teacher3 if grad_teacher else teacher3
         launch(_align_kernel, (programs,),
                student3, teacher3, w1, b1, w2, b2, margin if margin is not None else b2, d_student3, d_teacher3,
                loss_part, *parts, positions, pixels, s_channels, hidden, t_channels,
                *student3.stride(), *teacher3.stride(), *d_student3.stride(), *d_teacher3.stride(),
                device=student.device, BLOCK_P=block_p, BLOCK_CS=_block(s_channels), BLOCK_H=_block(hidden),
                BLOCK_CT=_block(t_channels), HAS_MARGIN=margin is not None, GRAD_STUDENT=grad_student,
-               GRAD_TEACHER=grad_teacher, GRAD_WEIGHTS=grad_weights)
+               GRAD_TEACHER=grad_teacher, GRAD_WEIGHTS=grad_weights, PRECISION=dot_precision(acc))
     weight_grads = [part.sum(0) for part in parts] if grad_weights else [w1.new_empty((0,)) for _ in range(4)]
     return (loss_part.sum(), d_student, d_teacher, *weight_grads)

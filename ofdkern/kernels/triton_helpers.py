@@ -15,11 +15,19 @@ import triton.language as tl
 
 from .._dtypes import accumulation_dtype
 
-__all__ = ["INTERPRET", "accumulation_dtype", "check_dense", "check_dtype", "check_same_device", "check_shape",
-           "launch", "margin_relu", "margin_share", "ofd_point", "relu", "relu_backward", "stored_as",
-           "teacher_share"]
+__all__ = ["INTERPRET", "accumulation_dtype", "align_point", "align_teacher_share", "check_dense", "check_dtype",
+           "check_same_device", "check_shape", "dot_precision", "launch", "margin_relu", "margin_share", "ofd_point", "relu",
+           "relu_backward", "stored_as", "teacher_share"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot``'s input_precision: float32 dots follow torch's matmul precision (TF32 unless it is
+    "highest"); other dtypes ignore it. The interpreter computes in full precision."""
+    if INTERPRET or dtype != torch.float32 or torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"
 
 
 def launch(kernel, grid, *args, device: torch.device, **meta) -> None:
@@ -88,6 +96,29 @@ def margin_share(d_student, t, m):
     """The margin's part of d loss / d t': the complement of teacher_share."""
     share = tl.where(t == m, -d_student * 0.5, -d_student)
     return tl.where(t > m, 0.0, share)
+
+
+@triton.jit
+def align_point(y, t, m, OFD: tl.constexpr):
+    """The channel-wise alignment loss of one projected value and its derivative wrt y: OFD's partial L2 with
+    margin m, or plain L2 (csrc/align_math.h)."""
+    if OFD:
+        loss, d_y = ofd_point(y, t, m)
+    else:
+        diff = y - t
+        loss = diff * diff
+        d_y = 2.0 * diff
+    return loss, d_y
+
+
+@triton.jit
+def align_teacher_share(d_y, t, m, OFD: tl.constexpr):
+    """The teacher's gradient from d loss / d y: OFD's split at the margin, or -d_y for plain L2."""
+    if OFD:
+        share = teacher_share(d_y, t, m)
+    else:
+        share = -d_y
+    return share
 
 
 @triton.jit

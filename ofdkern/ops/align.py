@@ -10,10 +10,9 @@ activation ever exists at full size:
 - "cpu" and "cuda": the C++ tile pipeline of csrc/align_fused.h: tiles of pixels through six GEMMs (MKL/oneDNN in
   the accumulation dtype on CPU, cuBLAS in the inputs' dtype on CUDA: tensor cores for half precision, TF32 as
   torch's matmul precision allows) with fused elementwise passes in between.
-- "triton": one kernel; each program walks tiles of pixels, recomputes the MLP in registers and back-propagates
-  the tile at once, keeping its weight-gradient sums in registers (written once per program, summed afterwards in
-  a fixed order). It handles channel counts up to ``TRITON_MAX_CHANNELS``: beyond them "auto" takes the next
-  backend and an explicit "triton" is refused.
+- "triton": for narrow layers one kernel whose programs walk tiles of pixels with the whole MLP in registers;
+  for wide ones the same tile pipeline as two Triton kernels with K-loops over channel blocks
+  (ofdkern/kernels/align_triton.py, align_tiled_triton.py).
 """
 from __future__ import annotations
 
@@ -27,22 +26,8 @@ from .._validation import check_channel_align_args
 from ._autograd import backward_scale, input_gradient, setup_scaled_backward
 from ._common import autocast_loss, autocast_off, divide_by_count, reduction_count
 
-# Largest channel count (student, hidden or teacher) the Triton kernel keeps in one tile, per accumulation
-# dtype: its dot operands are staged in shared memory, which for sm_90 PTX came to 96 KiB at 64 fp32 channels
-# (64-pixel tiles) and 57 KiB at 32 fp64 channels (16-pixel tiles); the next power of two would pass the
-# 164 KiB an A100 block can have.
-TRITON_MAX_CHANNELS = {torch.float32: 64, torch.float64: 32}
-
-
-def _triton_limit(channels: tuple[int, int, int], dtype: torch.dtype) -> str | None:
-    bound = TRITON_MAX_CHANNELS[dtype]
-    if max(channels) > bound:
-        return f"channels (student, hidden, teacher) {channels} exceed its bound of {bound} in {dtype}"
-    return None
-
-
 ALIGN = register_op("channel_align_loss", cpu=Backend(("ofdkern::align_fused",)),
-                    cuda=Backend(("ofdkern::align_fused",)), triton=Backend(limit=_triton_limit))
+                    cuda=Backend(("ofdkern::align_fused",)), triton=Backend())
 
 
 def _compute_dtype(student, teacher, w1, b1, w2, b2) -> torch.dtype:
@@ -153,9 +138,7 @@ def channel_align_loss(student: torch.Tensor, teacher: torch.Tensor, w1: torch.T
         when it requires grad.
     """
     check_channel_align_args(student, teacher, w1, b1, w2, b2, margin, reduction)
-    channels = (student.shape[1], w1.shape[0], teacher.shape[1])
-    acc = accumulation_dtype(_compute_dtype(student, teacher, w1, b1, w2, b2))
-    backend = resolve(ALIGN, backend, student.device, channels=channels, dtype=acc)
+    backend = resolve(ALIGN, backend, student.device)
     if backend == "reference":
         return reference.channel_align_loss(student, teacher, w1, b1, w2, b2, margin, reduction)
     if margin is not None and margin.requires_grad and torch.is_grad_enabled():
