@@ -242,13 +242,18 @@ def _io_value(io_dict: dict, spec, role: str, loss: str):
                        f"forward_hook {io} paths") from None
 
 
-def _pairs(feature_pairs, loss: str) -> list[tuple[str, dict]]:
+def _pairs(feature_pairs, loss: str, required: dict[str, str] | None = None) -> list[tuple[str, dict]]:
+    """The (name, config) pairs of a loss's ``feature_pairs``, each with 'student' and 'teacher' entries and the
+    ``required`` ones (entry: what it is)."""
     if not isinstance(feature_pairs, dict) or not feature_pairs:
         raise ValueError(f"{loss}: feature_pairs must be a non-empty mapping of pair names to configs, got "
                          f"{feature_pairs!r}")
     for name, pair in feature_pairs.items():
         if not isinstance(pair, dict) or "student" not in pair or "teacher" not in pair:
             raise ValueError(f"{loss}: feature_pairs[{name!r}] needs 'student' and 'teacher' entries, got {pair!r}")
+        for entry, what in (required or {}).items():
+            if entry not in pair:
+                raise ValueError(f"{loss}: feature_pairs[{name!r}] needs a {entry!r} entry ({what})")
     return list(feature_pairs.items())
 
 
@@ -276,11 +281,8 @@ class OFDFeatureLoss(nn.Module):
 
     def __init__(self, feature_pairs: dict, reduction: str = "batchmean", backend: str = "auto", **_kwargs):
         super().__init__()
-        self.pairs = _pairs(feature_pairs, "ofdkern.OFDLoss")
-        for name, pair in self.pairs:
-            if "margin" not in pair:
-                raise ValueError(f"ofdkern.OFDLoss: feature_pairs[{name!r}] needs a 'margin' entry (the teacher "
-                                 f"I/O dict path of FeatureTaps' margins.<name>)")
+        self.pairs = _pairs(feature_pairs, "ofdkern.OFDLoss",
+                            {"margin": "the teacher I/O dict path of FeatureTaps' margins.<name>"})
         if reduction not in ("batchmean", "sum"):
             raise ValueError(f"ofdkern.OFDLoss: reduction must be 'batchmean' or 'sum', got {reduction!r}")
         stages = len(self.pairs)
@@ -325,11 +327,8 @@ class ChannelAlignFeatureLoss(nn.Module):
 
     def __init__(self, feature_pairs: dict, reduction: str = "batchmean", backend: str = "auto", **_kwargs):
         super().__init__()
-        self.pairs = _pairs(feature_pairs, "ofdkern.ChannelAlignLoss")
-        for name, pair in self.pairs:
-            if "aligner" not in pair:
-                raise ValueError(f"ofdkern.ChannelAlignLoss: feature_pairs[{name!r}] needs an 'aligner' entry (the "
-                                 f"student I/O dict path of FeatureTaps' aligners.<name>)")
+        self.pairs = _pairs(feature_pairs, "ofdkern.ChannelAlignLoss",
+                            {"aligner": "the student I/O dict path of FeatureTaps' aligners.<name>"})
         self.reduction, self.backend = reduction, backend
 
     def forward(self, student_io_dict, teacher_io_dict, *_args, **_kwargs):
