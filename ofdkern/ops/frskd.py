@@ -17,39 +17,27 @@ from .._backends import resolve_backend
 from .._validation import check_attention_transfer_args, check_kd_args
 from ._common import accumulation_dtype, as_positions, divide_by_count, reduction_count
 
-# F.normalize's eps: the attention map norm is clamped below at this value.
-NORMALIZE_EPS = 1e-12
-
-
 def _kernels(backend: str):
-    """(attention_map, attention_map_backward, kd_fused) of ``backend``, with the contracts of csrc/frskd_fused.h."""
+    """(attention_map, attention_map_backward, attention_transfer_maps, kd_fused) of ``backend``, with the contracts
+    of csrc/frskd_fused.h."""
     if backend == "triton":
         from ..kernels import frskd_triton
 
-        return frskd_triton.attention_map, frskd_triton.attention_map_backward, frskd_triton.kd_fused
+        return (frskd_triton.attention_map, frskd_triton.attention_map_backward, frskd_triton.attention_transfer_maps,
+                frskd_triton.kd_fused)
     # "cpu" and "cuda" are the C++ ops; the tensors' device picks the kernel.
     ops = torch.ops.ofdkern
-    return ops.attention_map.default, ops.attention_map_backward.default, ops.kd_fused.default
+    return (ops.attention_map.default, ops.attention_map_backward.default, ops.attention_transfer_maps.default,
+            ops.kd_fused.default)
 
 
-def _normalize_backward(grad: torch.Tensor, normalized: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
-    """d/d a of <grad, a / max(|a|, eps)> per row, as autograd takes it through F.normalize: the projection
-    off the row's direction above eps, a plain division by eps below it."""
-    projected = (grad - normalized * (normalized * grad).sum(dim=1, keepdim=True)) / norm.clamp_min(NORMALIZE_EPS)
-    return torch.where(norm >= NORMALIZE_EPS, projected, grad / NORMALIZE_EPS)
-
-
-def _attention_transfer_on_maps(map_student: torch.Tensor, map_teacher: torch.Tensor):
-    """Sum of squared differences of the normalized maps and its gradients wrt both maps."""
+def _attention_transfer_on_maps(map_student: torch.Tensor, map_teacher: torch.Tensor, backend: str):
+    """Sum of squared differences of the normalized maps and its gradients wrt both maps (one fused kernel)."""
     dtype = torch.promote_types(map_student.dtype, map_teacher.dtype)
-    maps = (map_student.to(dtype), map_teacher.to(dtype))
-    norms = [torch.linalg.vector_norm(m, dim=1, keepdim=True) for m in maps]
-    normalized = [m / n.clamp_min(NORMALIZE_EPS) for m, n in zip(maps, norms)]
-    diff = normalized[0] - normalized[1]
-    grad_normalized = 2 * diff
-    grad_student = _normalize_backward(grad_normalized, normalized[0], norms[0])
-    grad_teacher = _normalize_backward(-grad_normalized, normalized[1], norms[1])
-    return diff.square().sum(), grad_student.to(map_student.dtype), grad_teacher.to(map_teacher.dtype)
+    attention_transfer_maps = _kernels(backend)[2]
+    row_loss, grad_student, grad_teacher = attention_transfer_maps(map_student.to(dtype), map_teacher.to(dtype),
+                                                                   True, True)
+    return row_loss.sum(), grad_student.to(map_student.dtype), grad_teacher.to(map_teacher.dtype)
 
 
 @torch.library.custom_op("ofdkern::attention_transfer_fused", mutates_args=())
@@ -57,10 +45,10 @@ def attention_transfer_fused(f_student: torch.Tensor, f_teacher: torch.Tensor, p
                              backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (loss, d loss/d student map, d loss/d teacher map); the map gradients are for a unit upstream
     gradient without the reduction's scaling, as (N, positions) tensors in the accumulation dtypes."""
-    attention_map, _, _ = _kernels(backend)
+    attention_map = _kernels(backend)[0]
     map_student = attention_map(as_positions(f_student), p)
     map_teacher = attention_map(as_positions(f_teacher), p)
-    total, grad_student, grad_teacher = _attention_transfer_on_maps(map_student, map_teacher)
+    total, grad_student, grad_teacher = _attention_transfer_on_maps(map_student, map_teacher, backend)
     loss = divide_by_count(total, reduction_count(map_student.shape, reduction))
     return loss.to(torch.promote_types(f_student.dtype, f_teacher.dtype)), grad_student, grad_teacher
 
@@ -79,7 +67,7 @@ def _(f_student, f_teacher, p, reduction, backend):
 @torch.library.custom_op("ofdkern::attention_map_grad", mutates_args=())
 def attention_map_grad(feature: torch.Tensor, grad_map: torch.Tensor, p: float, backend: str) -> torch.Tensor:
     """d <grad_map, attention map of feature> / d feature: one more read of the feature."""
-    _, attention_map_backward, _ = _kernels(backend)
+    attention_map_backward = _kernels(backend)[1]
     return attention_map_backward(as_positions(feature), grad_map.contiguous(), p).view(feature.shape)
 
 
@@ -131,7 +119,7 @@ def kd_loss_fused(student: torch.Tensor, teacher: torch.Tensor, temperature: flo
     """Returns (loss, d sum(row losses)/d student, d sum(row losses)/d teacher); gradients not asked for are
     empty."""
     dtype = torch.promote_types(student.dtype, teacher.dtype)
-    _, _, kd_fused = _kernels(backend)
+    kd_fused = _kernels(backend)[3]
     row_loss, d_student, d_teacher = kd_fused(student.to(dtype).contiguous(), teacher.to(dtype).contiguous(),
                                               temperature, grad_student, grad_teacher)
     return _kd_reduce(row_loss, student.shape[1], reduction).to(dtype), d_student, d_teacher
