@@ -31,21 +31,16 @@ const FrskdCpuKernels& cpu_kernels() {
   return *kernels;
 }
 
-// feature itself when the kernels read its layout, else a contiguous copy.
-at::Tensor readable(const at::Tensor& feature) {
-  return attention_positions_inner(feature) || attention_channels_inner(feature) ? feature : feature.contiguous();
-}
-
 at::Tensor attention_map_cpu(const at::Tensor& feature, double p) {
   at::Tensor map = allocate_attention_map(feature, p);
-  if (map.numel() != 0) cpu_kernels().attention_map(readable(feature), p, map);
+  if (map.numel() != 0) cpu_kernels().attention_map(attention_walkable(feature), p, map);
   return map;
 }
 
 at::Tensor attention_map_backward_cpu(const at::Tensor& feature, const at::Tensor& grad_map, double p) {
   at::Tensor grad = allocate_attention_feature_grad(feature, grad_map, p, empty_like_hugepage);
   if (grad.numel() == 0) return grad;
-  const at::Tensor source = readable(feature);
+  const at::Tensor source = attention_walkable(feature);
   if (source.is_same(feature)) {
     cpu_kernels().attention_map_backward(feature, grad_map, p, grad);
   } else {

@@ -22,16 +22,6 @@
 
 namespace ofdkern {
 
-// The (N, C, S) feature layouts the attention kernels read: positions innermost (NCHW-like; also S = 1 unless
-// channels are contiguous) or channels innermost (channels_last-like). frskd_cpu.cpp copies any other layout.
-inline bool attention_positions_inner(const at::Tensor& feature) {
-  return feature.size(2) == 1 ? feature.size(1) == 1 || feature.stride(1) != 1 : feature.stride(2) == 1;
-}
-
-inline bool attention_channels_inner(const at::Tensor& feature) {
-  return feature.size(1) == 1 || feature.stride(1) == 1;
-}
-
 struct FrskdCpuKernels {
   // feature: (N, C, S) with positions or channels innermost (above); map: allocated output.
   void (*attention_map)(const at::Tensor& feature, double p, const at::Tensor& map);

@@ -9,10 +9,13 @@
 // on one thread. The block grid depends on the shape only, so the bits do not depend on the thread count.
 #pragma once
 
-// at::vec's headers carry pragmas for other compilers, and return vectors from functions compiled for narrower
-// targets in code this file never calls.
+// at::vec's headers carry pragmas for other compilers and return vectors from functions compiled for narrower
+// targets in code this file never calls; GCC 12 takes the deliberately undefined pass-through operand of some
+// AVX-512 conversion intrinsics for an uninitialized variable.
 #pragma GCC diagnostic ignored "-Wunknown-pragmas"
 #pragma GCC diagnostic ignored "-Wpsabi"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>

@@ -43,6 +43,21 @@ inline void check_attention_feature(const at::Tensor& feature, double p, const c
   TORCH_CHECK_VALUE(p > 0 && std::isfinite(p), op, ": p must be positive and finite, got ", p);
 }
 
+// The (N, C, S) feature layouts the attention kernels walk: positions innermost (NCHW-like; also S = 1 unless
+// channels are contiguous) or channels innermost (channels_last-like). The ops copy any other layout.
+inline bool attention_positions_inner(const at::Tensor& feature) {
+  return feature.size(2) == 1 ? feature.size(1) == 1 || feature.stride(1) != 1 : feature.stride(2) == 1;
+}
+
+inline bool attention_channels_inner(const at::Tensor& feature) {
+  return feature.size(1) == 1 || feature.stride(1) == 1;
+}
+
+// feature itself when the attention kernels walk its layout, else a contiguous copy.
+inline at::Tensor attention_walkable(const at::Tensor& feature) {
+  return attention_positions_inner(feature) || attention_channels_inner(feature) ? feature : feature.contiguous();
+}
+
 inline at::Tensor allocate_attention_map(const at::Tensor& feature, double p) {
   check_attention_feature(feature, p, "attention_map");
   return at::empty({feature.size(0), feature.size(2)},
