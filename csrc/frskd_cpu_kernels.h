@@ -2,11 +2,14 @@
 // frskd_cpu_<isa>.cpp, after frskd_cpu_prelude.h and that file's #pragma GCC target; everything here is in
 // the namespace ofdkern::CPU_CAPABILITY, so the variants stay apart.
 //
-// KD: a row is split into blocks of kClassBlock classes. Pass 1 takes each block's max and sum of exp (two
-// sweeps over the block, which stays in cache); the blocks of a row are merged in block order; pass 2 writes
-// each block's KL terms and student gradient; the row's KL is the sum of its block partials in block order;
-// the teacher gradient, which needs that KL, is a pass 3. Rows of one block run the three passes back to back
-// on one thread. The block grid depends on the shape only, so the bits do not depend on the thread count.
+// KD: a row is split into blocks of kClassBlock classes. Pass 1 takes each block's max and sum of
+// e = exp((v - max) / T) (two sweeps over the block, which stays in cache) and keeps the e; the blocks of a row
+// are merged in block order; pass 2 turns the kept e into probabilities and writes each block's share of KL
+// and its student gradient; the row's KL is the sum of the shares in block order; the teacher gradient, which
+// needs that KL, is a pass 3. Two exps per class in all. With many rows (or rows of one block) a row is a task
+// and its passes run back to back on one thread, its logits and e in that thread's cache; with few wide rows
+// the blocks are the tasks, pass by pass. The blocks and every order of summation depend on the shape only, so
+// neither the schedule nor the thread count changes a bit.
 #pragma once
 
 // at::vec's headers carry pragmas for other compilers and return vectors from functions compiled for narrower
@@ -28,16 +31,13 @@ namespace {
 
 using at::vec::Vectorized;
 
-// The vector policy of frskd_math.h: Sleef's exp, log and pow through at::vec.
+// The vector policy of frskd_math.h (Sleef's pow through at::vec; the kernels take Sleef's exp the same way).
 template <typename acc_t>
 struct VecMath {
   using scalar = acc_t;
   using value = Vectorized<acc_t>;
-  static value exp(const value& x) { return x.exp(); }
-  static value log(const value& x) { return x.log(); }
   static value abs(const value& x) { return x.abs(); }
   static value pow(const value& x, const value& p) { return x.pow(p); }
-  static value max(const value& a, const value& b) { return at::vec::maximum(a, b); }  // propagates NaN
   static value select(const value& mask, const value& if_true, const value& if_false) {
     return value::blendv(if_false, if_true, mask);
   }

@@ -2,21 +2,20 @@
 // on at::vec vectors (frskd_cpu_kernels.h), and for the CUDA kernels, which run it on scalars (frskd_cuda.cu).
 //
 // The functions take a math policy M: M::value is what they compute on (M::scalar, or a vector of it), and
-// M::exp / log / abs / pow / max / select are its operations; comparisons of values give select's mask.
+// M::abs / pow / select are its operations; comparisons of values give select's mask.
 //
 // Attention transfer: the map of a feature is a = mean_c(f^p), F.normalize divides it by max(|a|, 1e-12), and
 // the loss of a sample is sum_j (u_s,j - u_t,j)^2 with u = a / max(|a|, eps).
 //
 // Soft-label KD: per row, KL(p_t || p_s) * T^2 with p = softmax(logits / T), computed from the logits
-// relative to their row max, a = (s - max s) / T and b = (t - max t) / T, their exps e = exp(a) and sums
-// S = sum e, and the probabilities p = e / S (the kernels keep e from the sums' pass, so no class takes the
-// exp of a difference with log S):
+// relative to their row max, a = (s - max s) / T and b = (t - max t) / T, their exps e = exp(a), the sums
+// S = sum e and the probabilities p = e / S (never the exp of a difference with log S):
 //   r = log p_t - log p_s = (b - a) + log(S_s / S_t)
 //   KL = sum_j p_t,j g(r_j)   with g(r) = r - 1 + exp(-r) >= 0.
 // The g form adds sum p_s - sum p_t = 0 to the plain sum p_t r. Every term is non-negative, so nothing cancels
-// when the rows are close (KL ~ r^2 where each p_t r is ~ r), and a rounding error in log(S_s / S_t) moves KL
-// only at second order. Nothing of the size of the logits themselves is ever subtracted (a shift of 1e3 costs
-// no digits), and a single class gives exactly 0.
+// when the rows are close (KL ~ r^2 where each p_t r is ~ r), and where all |r| are small a rounding error in
+// log(S_s / S_t) moves KL only at second order. Nothing of the size of the logits themselves is ever
+// subtracted (a shift of 1e3 costs no digits), and a single class gives exactly 0.
 #pragma once
 
 #include <cmath>
@@ -35,8 +34,6 @@ template <typename acc_t>
 struct ScalarMath {
   using scalar = acc_t;
   using value = acc_t;
-  static OFDKERN_HOST_DEVICE acc_t exp(acc_t x) { return std::exp(x); }
-  static OFDKERN_HOST_DEVICE acc_t log(acc_t x) { return std::log(x); }
   static OFDKERN_HOST_DEVICE acc_t abs(acc_t x) { return std::abs(x); }
   static OFDKERN_HOST_DEVICE acc_t pow(acc_t x, acc_t p) { return std::pow(x, p); }
   // NaN-propagating, like torch.max.
