@@ -181,7 +181,7 @@ struct KDBlockStats {
   SoftmaxStats<acc_t> student, teacher;
 };
 
-// A row's constants, and per block the factors that turn its e into probabilities.
+// A row's constants and its max and sum (from which kd_block derives each block's factors p = e * scale).
 template <typename acc_t>
 struct KDRowOfBlocks {
   KDRow<acc_t> row;
@@ -332,15 +332,14 @@ void kd_typed(const at::Tensor& student, const at::Tensor& teacher, double tempe
     for (int64_t b = 0; b < blocks; ++b) kl += block_kl[b];
     return kl;
   };
-  const at::TensorOptions acc_options = std::get<0>(outputs).options();
 
-  const int64_t threads = at::get_num_threads();
-  if (blocks == 1 || rows >= kRowTasksPerThread * threads) {
-    const at::Tensor scratch = at::empty({threads, 2, classes}, acc_options);
+  if (blocks == 1 || rows >= kRowTasksPerThread * at::get_num_threads()) {
     const int64_t grain = std::max<int64_t>(1, kClassBlock / classes);
     at::parallel_for(0, rows, grain, [&](int64_t first, int64_t last) {
       KDBuffers<scalar_t> buf;
-      acc_t* e_s = scratch.mutable_data_ptr<acc_t>() + at::get_thread_num() * 2 * classes;
+      // Uninitialized: pass 1 writes every e before pass 2 reads it.
+      const std::unique_ptr<acc_t[]> exps(new acc_t[2 * classes]);
+      acc_t* e_s = exps.get();
       acc_t* e_t = e_s + classes;
       std::vector<KDBlockStats<acc_t>> stats(blocks);
       std::vector<acc_t> block_kl(blocks);
@@ -361,7 +360,7 @@ void kd_typed(const at::Tensor& student, const at::Tensor& teacher, double tempe
   // Few wide rows: the blocks are the tasks, pass by pass, over groups of rows whose e fit the scratch.
   const int64_t group_rows =
       std::clamp<int64_t>(kExpScratchBytes / (2 * classes * int64_t{sizeof(acc_t)}), 1, rows);
-  const at::Tensor scratch = at::empty({group_rows, 2, classes}, acc_options);
+  const at::Tensor scratch = at::empty({group_rows, 2, classes}, std::get<0>(outputs).options());
   std::vector<KDBlockStats<acc_t>> stats(group_rows * blocks);
   std::vector<KDRowOfBlocks<acc_t>> row_of_blocks(group_rows);
   std::vector<acc_t> block_kl(group_rows * blocks), row_kl(group_rows);
