@@ -1,182 +1,118 @@
-// CPU kernels of the fused FRSKD ops: attention maps and their feature gradient, and the row-wise KD loss.
-// Every output element is written by one thread and every sum runs in a fixed order, so results do not
-// depend on the thread count.
+// CPU ops of the fused FRSKD losses: argument checks and allocation (frskd_fused.h), the choice of the
+// instruction-set variant of the vectorized kernels (frskd_cpu.h), and the small per-sample kernel of the
+// attention-map math (normalize, difference, gradient).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/Version.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <type_traits>
-#include <vector>
+#include <cmath>
+#include <string>
 
+#include "cpu_buffers.h"
+#include "frskd_cpu.h"
 #include "frskd_fused.h"
 #include "frskd_math.h"
 
 namespace ofdkern {
 namespace {
 
-// Positions per attention-map tile (channel-major layouts): one accumulator row stays in L1.
-constexpr int64_t kPositionTile = 1024;
-// Classes per online-softmax block: one max per block, then one exp per element.
-constexpr int64_t kClassBlock = 256;
-
-// Runs body(exponent) where exponent(p) returns p, as a compile-time constant for p = 2 and p = 1 so the
-// per-element math folds to a multiply.
-template <typename acc_t, typename Body>
-void with_exponent(acc_t p, Body body) {
-  if (p == acc_t(2)) body([](acc_t) { return acc_t(2); });
-  else if (p == acc_t(1)) body([](acc_t) { return acc_t(1); });
-  else body([](acc_t value) { return value; });
-}
-
-struct FeatureStrides {
-  int64_t batch, channel, position;
-};
-
-// Calls visit(n, j0, j1) over blocks of positions covering (N, S), in parallel. Channel-major layouts
-// (NCHW) get tiles of positions; channels-innermost layouts (channels_last) single positions, whose
-// channels are contiguous.
-template <typename Visit>
-void for_position_blocks(int64_t batch, int64_t positions, bool channels_inner, Visit visit) {
-  const int64_t tile = channels_inner ? 1 : kPositionTile;
-  const int64_t tiles_per_sample = (positions + tile - 1) / tile;
-  const int64_t grain = channels_inner ? 64 : 1;
-  at::parallel_for(0, batch * tiles_per_sample, grain, [&](int64_t first, int64_t last) {
-    for (int64_t t = first; t < last; ++t) {
-      const int64_t n = t / tiles_per_sample;
-      const int64_t j0 = (t % tiles_per_sample) * tile;
-      visit(n, j0, std::min(positions, j0 + tile));
-    }
-  });
+// The variant for the vector width torch itself uses on this CPU.
+const FrskdCpuKernels& cpu_kernels() {
+  static const FrskdCpuKernels* const kernels = [] {
+#if OFDKERN_FRSKD_X86_VARIANTS
+    const std::string capability = at::get_cpu_capability();
+    if (capability == "AVX512") return &AVX512::kFrskdCpuKernels;
+    if (capability == "AVX2") return &AVX2::kFrskdCpuKernels;
+#endif
+    return &DEFAULT::kFrskdCpuKernels;
+  }();
+  return *kernels;
 }
 
 at::Tensor attention_map_cpu(const at::Tensor& feature, double p) {
-  at::Tensor map = allocate_attention_map(feature);
-  const int64_t batch = feature.size(0), channels = feature.size(1), positions = feature.size(2);
-  if (map.numel() == 0) return map;
-  const FeatureStrides st{feature.stride(0), feature.stride(1), feature.stride(2)};
-  const bool channels_inner = st.channel == 1 && positions > 1;
-
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feature.scalar_type(), "attention_map_cpu", [&] {
-    using acc_t = accumulation_t<scalar_t>;
-    const scalar_t* f = feature.const_data_ptr<scalar_t>();
-    acc_t* out = map.mutable_data_ptr<acc_t>();
-    const acc_t exponent_value = static_cast<acc_t>(p);
-    with_exponent(exponent_value, [&](auto exponent) {
-      const acc_t e = exponent(exponent_value);
-      for_position_blocks(batch, positions, channels_inner, [&](int64_t n, int64_t j0, int64_t j1) {
-        // Sums over channels in ascending order whatever the layout, so both loop orders give the same bits.
-        acc_t sums[kPositionTile] = {};
-        for (int64_t c = 0; c < channels; ++c) {
-          const scalar_t* row = f + n * st.batch + c * st.channel;
-          for (int64_t j = j0; j < j1; ++j) {
-            sums[j - j0] += attention_power(static_cast<acc_t>(row[j * st.position]), e);
-          }
-        }
-        for (int64_t j = j0; j < j1; ++j) out[n * positions + j] = sums[j - j0] / static_cast<acc_t>(channels);
-      });
-    });
-  });
+  at::Tensor map = allocate_attention_map(feature, p);
+  if (map.numel() != 0) cpu_kernels().attention_map(attention_walkable(feature), p, map);
   return map;
 }
 
 at::Tensor attention_map_backward_cpu(const at::Tensor& feature, const at::Tensor& grad_map, double p) {
-  at::Tensor grad = allocate_attention_feature_grad(feature, grad_map);
-  const int64_t batch = feature.size(0), channels = feature.size(1), positions = feature.size(2);
+  at::Tensor grad = allocate_attention_feature_grad(feature, grad_map, p, empty_like_hugepage);
   if (grad.numel() == 0) return grad;
-  const FeatureStrides st{feature.stride(0), feature.stride(1), feature.stride(2)};
-  const bool channels_inner = st.channel == 1 && positions > 1;
-
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feature.scalar_type(), "attention_map_backward_cpu", [&] {
-    using acc_t = accumulation_t<scalar_t>;
-    const scalar_t* f = feature.const_data_ptr<scalar_t>();
-    const acc_t* g = grad_map.const_data_ptr<acc_t>();
-    scalar_t* out = grad.mutable_data_ptr<scalar_t>();
-    const acc_t exponent_value = static_cast<acc_t>(p);
-    with_exponent(exponent_value, [&](auto exponent) {
-      const acc_t e = exponent(exponent_value);
-      for_position_blocks(batch, positions, channels_inner, [&](int64_t n, int64_t j0, int64_t j1) {
-        // The mean's backward (g / C) times the power's (p f^(p-1)), in the order autograd applies them.
-        acc_t grad_mean[kPositionTile];
-        for (int64_t j = j0; j < j1; ++j) grad_mean[j - j0] = g[n * positions + j] / static_cast<acc_t>(channels);
-        for (int64_t c = 0; c < channels; ++c) {
-          const int64_t base = n * st.batch + c * st.channel;
-          for (int64_t j = j0; j < j1; ++j) {
-            const int64_t i = base + j * st.position;
-            out[i] = static_cast<scalar_t>(grad_mean[j - j0] *
-                                           attention_power_grad(static_cast<acc_t>(f[i]), e));
-          }
-        }
-      });
-    });
-  });
+  const at::Tensor source = attention_walkable(feature);
+  if (source.is_same(feature)) {
+    cpu_kernels().attention_map_backward(feature, grad_map, p, grad);
+  } else {
+    // A dense layout the kernels do not walk (e.g. batch innermost): compute contiguously, then lay out.
+    const at::Tensor contiguous_grad = at::empty_like(source);
+    cpu_kernels().attention_map_backward(source, grad_map, p, contiguous_grad);
+    grad.copy_(contiguous_grad);
+  }
   return grad;
 }
 
-// Folds the classes [begin, end) of one row into its online state: one max per block and row, then
-// the sums rescaled once and extended with one exp per element.
-template <typename scalar_t, typename acc_t>
-void kd_absorb_block(const scalar_t* s, const scalar_t* t, int64_t begin, int64_t end, acc_t temperature,
-                     KDRowState<acc_t>& st) {
-  acc_t block_max_s = st.max_s, block_max_t = st.max_t;
-  for (int64_t j = begin; j < end; ++j) {
-    block_max_s = std::max(block_max_s, static_cast<acc_t>(s[j]) / temperature);
-    block_max_t = std::max(block_max_t, static_cast<acc_t>(t[j]) / temperature);
+// One sample's maps: three sweeps over its S positions (the norms; the normalized difference with the loss
+// and the two projections; the gradients), each summing in position order.
+template <typename acc_t>
+void attention_maps_row(const acc_t* map_s, const acc_t* map_t, int64_t positions, acc_t* loss, acc_t* grad_s,
+                        acc_t* grad_t) {
+  acc_t squares_s = 0, squares_t = 0;
+  for (int64_t j = 0; j < positions; ++j) {
+    squares_s += map_s[j] * map_s[j];
+    squares_t += map_t[j] * map_t[j];
   }
-  const acc_t factor_s = rescale_factor(st.max_s, block_max_s);
-  const acc_t factor_t = rescale_factor(st.max_t, block_max_t);
-  st.max_s = block_max_s;
-  st.max_t = block_max_t;
-  const acc_t shift_s = softmax_shift(st.max_s), shift_t = softmax_shift(st.max_t);
-  acc_t sum_s = 0, sum_t = 0, cross = 0;
-  for (int64_t j = begin; j < end; ++j) {
-    const acc_t x = static_cast<acc_t>(s[j]) / temperature;
-    const acc_t y = static_cast<acc_t>(t[j]) / temperature;
-    sum_s += std::exp(x - shift_s);
-    sum_t += std::exp(y - shift_t);
-    cross += kd_cross_term(x, y, shift_t);
+  const acc_t norm_s = std::sqrt(squares_s), norm_t = std::sqrt(squares_t);
+  const acc_t divisor_s = normalize_divisor(norm_s), divisor_t = normalize_divisor(norm_t);
+  acc_t total = 0, dot_s = 0, dot_t = 0;
+  for (int64_t j = 0; j < positions; ++j) {
+    const acc_t u_s = map_s[j] / divisor_s, u_t = map_t[j] / divisor_t;
+    const acc_t diff = u_s - u_t;
+    total += diff * diff;
+    dot_s += u_s * diff;
+    dot_t += u_t * diff;
   }
-  st.sum_s = st.sum_s * factor_s + sum_s;
-  st.sum_t = st.sum_t * factor_t + sum_t;
-  st.cross = st.cross * factor_t + cross;
+  *loss = total;
+  if (!grad_s && !grad_t) return;
+  // d total / d u_s = 2 diff, d total / d u_t = -2 diff.
+  for (int64_t j = 0; j < positions; ++j) {
+    const acc_t u_s = map_s[j] / divisor_s, u_t = map_t[j] / divisor_t;
+    const acc_t diff = u_s - u_t;
+    if (grad_s) grad_s[j] = normalize_grad(acc_t(2) * diff, u_s, acc_t(2) * dot_s, norm_s);
+    if (grad_t) grad_t[j] = normalize_grad(acc_t(-2) * diff, u_t, acc_t(-2) * dot_t, norm_t);
+  }
 }
 
-KDOutputs kd_fused_cpu(const at::Tensor& student, const at::Tensor& teacher, double temperature,
-                       bool grad_student, bool grad_teacher) {
-  auto outputs = allocate_kd_outputs(student, teacher, temperature, grad_student, grad_teacher);
-  const int64_t rows = student.size(0), classes = student.size(1);
-  if (rows == 0) return outputs;
-
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "kd_fused_cpu", [&] {
-    using acc_t = accumulation_t<scalar_t>;
-    const scalar_t* s_all = student.const_data_ptr<scalar_t>();
-    const scalar_t* t_all = teacher.const_data_ptr<scalar_t>();
-    acc_t* row_loss = std::get<0>(outputs).mutable_data_ptr<acc_t>();
-    scalar_t* gs_all = grad_student ? std::get<1>(outputs).mutable_data_ptr<scalar_t>() : nullptr;
-    scalar_t* gt_all = grad_teacher ? std::get<2>(outputs).mutable_data_ptr<scalar_t>() : nullptr;
-    const acc_t temp = static_cast<acc_t>(temperature);
-
-    at::parallel_for(0, rows, 1, [&](int64_t first, int64_t last) {
-      for (int64_t r = first; r < last; ++r) {
-        const int64_t offset = r * classes;
-        const scalar_t* s = s_all + offset;
-        const scalar_t* t = t_all + offset;
-        KDRowState<acc_t> st;
-        for (int64_t j = 0; j < classes; j += kClassBlock) {
-          kd_absorb_block(s, t, j, std::min(classes, j + kClassBlock), temp, st);
-        }
-        const KDRowResult<acc_t> row = kd_finish(st);
-        row_loss[r] = row.kl * temp * temp;
-        if (!gs_all && !gt_all) continue;
-        // Second read of the row (still in cache for all but the widest rows) writes the gradients.
-        for (int64_t j = 0; j < classes; ++j) {
-          const auto g = kd_class_grad(static_cast<acc_t>(s[j]) / temp, static_cast<acc_t>(t[j]) / temp, row, temp);
-          if (gs_all) gs_all[offset + j] = static_cast<scalar_t>(g.d_student);
-          if (gt_all) gt_all[offset + j] = static_cast<scalar_t>(g.d_teacher);
-        }
+AttentionMapsOutputs attention_transfer_maps_cpu(const at::Tensor& map_student, const at::Tensor& map_teacher,
+                                                 bool grad_student, bool grad_teacher) {
+  auto outputs = allocate_attention_maps_outputs(map_student, map_teacher, grad_student, grad_teacher);
+  const int64_t batch = map_student.size(0), positions = map_student.size(1);
+  AT_DISPATCH_FLOATING_TYPES(map_student.scalar_type(), "attention_transfer_maps_cpu", [&] {
+    const scalar_t* map_s = map_student.const_data_ptr<scalar_t>();
+    const scalar_t* map_t = map_teacher.const_data_ptr<scalar_t>();
+    scalar_t* loss = std::get<0>(outputs).mutable_data_ptr<scalar_t>();
+    scalar_t* grad_s = grad_student ? std::get<1>(outputs).mutable_data_ptr<scalar_t>() : nullptr;
+    scalar_t* grad_t = grad_teacher ? std::get<2>(outputs).mutable_data_ptr<scalar_t>() : nullptr;
+    const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(positions, 1));
+    at::parallel_for(0, batch, grain, [&](int64_t first, int64_t last) {
+      for (int64_t n = first; n < last; ++n) {
+        const int64_t offset = n * positions;
+        attention_maps_row(map_s + offset, map_t + offset, positions, loss + n, grad_s ? grad_s + offset : nullptr,
+                           grad_t ? grad_t + offset : nullptr);
       }
     });
   });
+  return outputs;
+}
+
+KDOutputs kd_fused_cpu(const at::Tensor& student, const at::Tensor& teacher, double temperature, bool grad_student,
+                       bool grad_teacher) {
+  auto outputs = allocate_kd_outputs(student, teacher, temperature, grad_student, grad_teacher,
+                                     empty_like_hugepage);
+  if (student.size(0) == 0) return outputs;
+  // No classes: KL over nothing is 0, as the reference's sum.
+  if (student.size(1) == 0) std::get<0>(outputs).zero_();
+  else cpu_kernels().kd(student, teacher, temperature, outputs);
   return outputs;
 }
 
@@ -185,6 +121,7 @@ KDOutputs kd_fused_cpu(const at::Tensor& student, const at::Tensor& teacher, dou
 TORCH_LIBRARY_IMPL(ofdkern, CPU, m) {
   m.impl("attention_map", &attention_map_cpu);
   m.impl("attention_map_backward", &attention_map_backward_cpu);
+  m.impl("attention_transfer_maps", &attention_transfer_maps_cpu);
   m.impl("kd_fused", &kd_fused_cpu);
 }
 

@@ -1,100 +1,206 @@
-// Per-element math of the FRSKD losses (Ji et al., CVPR 2021), written for both the CPU and the CUDA kernels
-// (host/device functions); today only the CPU kernels (frskd_cpu.cpp) include it.
+// Per-element math of the FRSKD losses (Ji et al., CVPR 2021), written once for the CPU kernels, which run it
+// on at::vec vectors (frskd_cpu_kernels.h), and for the CUDA kernels, which run it on scalars (frskd_cuda.cu).
 //
-// Attention transfer: the attention map of a feature is mean_c(f^p); its derivative wrt f is p f^(p-1) / C.
-// Soft-label KD: per row, KL(softmax(t/T) || softmax(s/T)) * T^2, computed from an online (max, sum)
-// state of both rows so a row of any width is read once for the loss.
+// The functions take a math policy M: M::value is what they compute on (M::scalar, or a vector of it), and
+// M::abs / pow / select are its operations; comparisons of values give select's mask.
+//
+// Attention transfer: the map of a feature is a = mean_c(f^p), F.normalize divides it by max(|a|, 1e-12), and
+// the loss of a sample is sum_j (u_s,j - u_t,j)^2 with u = a / max(|a|, eps).
+//
+// Soft-label KD: per row, KL(p_t || p_s) * T^2 with p = softmax(logits / T), computed from the logits
+// relative to their row max, a = (s - max s) / T and b = (t - max t) / T, their exps e = exp(a), the sums
+// S = sum e and the probabilities p = e / S (never the exp of a difference with log S):
+//   r = log p_t - log p_s = (b - a) + log(S_s / S_t)
+//   KL = sum_j p_t,j g(r_j)   with g(r) = r - 1 + exp(-r) >= 0.
+// The g form adds sum p_s - sum p_t = 0 to the plain sum p_t r. Every term is non-negative, so nothing cancels
+// when the rows are close (KL ~ r^2 where each p_t r is ~ r), and where all |r| are small a rounding error in
+// log(S_s / S_t) moves KL only at second order. Nothing of the size of the logits themselves is ever
+// subtracted (a shift of 1e3 costs no digits), and a single class gives exactly 0.
 #pragma once
 
 #include <cmath>
 #include <limits>
+#include <type_traits>
 
 #include "accumulation.h"
 
 namespace ofdkern {
+// Internal linkage: the CPU kernels compile this header once per instruction set (frskd_cpu_<isa>.cpp), and
+// those copies must not be merged by the linker.
+namespace {
 
-// f^p as torch.pow computes it; p = 2 and p = 1 (the common exponents) skip pow. The branches depend
-// only on p, so they are uniform over a kernel.
+// The scalar policy (CUDA kernels, and the per-row math of the CPU kernels).
 template <typename acc_t>
-OFDKERN_HOST_DEVICE acc_t attention_power(acc_t x, acc_t p) {
-  if (p == acc_t(2)) return x * x;
-  if (p == acc_t(1)) return x;
-  return std::pow(x, p);
+struct ScalarMath {
+  using scalar = acc_t;
+  using value = acc_t;
+  static OFDKERN_HOST_DEVICE acc_t abs(acc_t x) { return std::abs(x); }
+  static OFDKERN_HOST_DEVICE acc_t pow(acc_t x, acc_t p) { return std::pow(x, p); }
+  // NaN-propagating, like torch.max.
+  static OFDKERN_HOST_DEVICE acc_t max(acc_t a, acc_t b) { return (a > b || a != a) ? a : b; }
+  static OFDKERN_HOST_DEVICE acc_t select(bool mask, acc_t if_true, acc_t if_false) {
+    return mask ? if_true : if_false;
+  }
+};
+
+template <typename acc_t>
+OFDKERN_HOST_DEVICE acc_t negative_infinity() {
+  return -std::numeric_limits<acc_t>::infinity();
+}
+
+// --- attention transfer -------------------------------------------------------------------------------------
+
+// Exponents with code of their own: f^2 is a multiply and f^1 a copy (p = 2 is FRSKD's); any other p uses pow.
+constexpr int kAnyExponent = 0;
+
+// Runs body(std::integral_constant<int, kind>) with the exponent kind of p (host code).
+template <typename Body>
+void with_attention_exponent(double p, Body&& body) {
+  if (p == 2) body(std::integral_constant<int, 2>{});
+  else if (p == 1) body(std::integral_constant<int, 1>{});
+  else body(std::integral_constant<int, kAnyExponent>{});
+}
+
+// f^p as torch.pow computes it.
+template <typename M, int kExponent, typename V = typename M::value>
+OFDKERN_HOST_DEVICE V attention_power(const V& x, const V& p) {
+  if constexpr (kExponent == 2) return x * x;
+  else if constexpr (kExponent == 1) return x;
+  else return M::pow(x, p);
 }
 
 // d f^p / d f = p f^(p-1), as autograd takes it through torch.pow.
-template <typename acc_t>
-OFDKERN_HOST_DEVICE acc_t attention_power_grad(acc_t x, acc_t p) {
-  if (p == acc_t(2)) return acc_t(2) * x;
-  if (p == acc_t(1)) return acc_t(1);
-  return p * std::pow(x, p - acc_t(1));
+template <typename M, int kExponent, typename V = typename M::value>
+OFDKERN_HOST_DEVICE V attention_power_grad(const V& x, const V& p) {
+  using S = typename M::scalar;
+  if constexpr (kExponent == 2) return V(S(2)) * x;
+  else if constexpr (kExponent == 1) return V(S(1));
+  else return p * M::pow(x, p - V(S(1)));
 }
 
-// Running state of one KD row: both rows' max and sum of exp(v - max) (softmax normalizers), and
-// cross = sum exp(y - max_t) (y - x), which gives sum_j p_t,j (y_j - x_j) once divided by sum_t.
-// x = s / T (student), y = t / T (teacher).
+// F.normalize's eps: the map's norm is clamped below at it.
+constexpr double kNormalizeEps = 1e-12;
+
+// max(norm, eps), keeping a NaN norm like clamp_min does.
 template <typename acc_t>
-struct KDRowState {
-  acc_t max_s = -std::numeric_limits<acc_t>::infinity();
-  acc_t sum_s = 0;
-  acc_t max_t = -std::numeric_limits<acc_t>::infinity();
-  acc_t sum_t = 0;
-  acc_t cross = 0;
+OFDKERN_HOST_DEVICE acc_t normalize_divisor(acc_t norm) {
+  return norm < acc_t(kNormalizeEps) ? acc_t(kNormalizeEps) : norm;
+}
+
+// d/d a_j of <g, a / max(|a|, eps)> as autograd takes it through F.normalize: the projection off the map's
+// direction u, (g_j - u_j <g, u>) / |a|, where |a| >= eps; g_j / eps below (the clamp passes no gradient).
+template <typename acc_t>
+OFDKERN_HOST_DEVICE acc_t normalize_grad(acc_t g, acc_t u, acc_t g_dot_u, acc_t norm) {
+  return norm >= acc_t(kNormalizeEps) ? (g - u * g_dot_u) / norm : g / acc_t(kNormalizeEps);
+}
+
+// --- KD -----------------------------------------------------------------------------------------------------
+
+// (v - shift) / T, as (v - shift) * (1 / T): a multiply for a division, one rounding more where 1 / T is not
+// exact (it is for the usual T = 1, 2, 4).
+template <typename V>
+OFDKERN_HOST_DEVICE V kd_scaled(const V& logit, const V& shift, const V& inv_temperature) {
+  return (logit - shift) * inv_temperature;
+}
+
+// Max and sum of e = exp((v - softmax_shift(max)) / T) of some logits of one row (a block, or the whole row).
+template <typename acc_t>
+struct SoftmaxStats {
+  acc_t max;
+  acc_t sum;
 };
 
-// exp(old_max - new_max): the factor that rescales sums kept against old_max; 0 while nothing was summed.
+// What logits are taken relative to: their max, or 0 when that is -inf (every value is then -inf and
+// exp(-inf - 0) = 0, where -inf - -inf would be NaN).
 template <typename acc_t>
-OFDKERN_HOST_DEVICE acc_t rescale_factor(acc_t old_max, acc_t new_max) {
-  return old_max == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : std::exp(old_max - new_max);
+OFDKERN_HOST_DEVICE acc_t softmax_shift(acc_t max) {
+  return max == negative_infinity<acc_t>() ? acc_t(0) : max;
 }
 
-// The value exp(v - shift) is taken against: the running max, or 0 while it is -inf (then every value
-// seen is -inf and exp(-inf - 0) = 0, where exp(-inf - -inf) would be NaN).
+// exp((block shift - row shift) / T): what turns a block's e into exps relative to the row max (0 for an
+// all -inf block, whose e are all 0).
 template <typename acc_t>
-OFDKERN_HOST_DEVICE acc_t softmax_shift(acc_t running_max) {
-  return running_max == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : running_max;
+OFDKERN_HOST_DEVICE acc_t block_rescale(acc_t block_max, acc_t row_max, acc_t inv_temperature) {
+  if (block_max == negative_infinity<acc_t>()) return acc_t(0);
+  return std::exp(kd_scaled(block_max, softmax_shift(row_max), inv_temperature));
 }
 
-// One teacher term of cross: exp(y - shift_t) (y - x), exactly 0 where the teacher probability is 0
-// (y = -inf gives 0 * -inf in the product; the reference's xlogy makes it 0).
-template <typename acc_t>
-OFDKERN_HOST_DEVICE acc_t kd_cross_term(acc_t x, acc_t y, acc_t shift_t) {
-  const acc_t e = std::exp(y - shift_t);
-  return e > acc_t(0) ? e * (y - x) : acc_t(0);
-}
-
-// Log-normalizers and the unscaled KL of a finished row.
-template <typename acc_t>
-struct KDRowResult {
-  acc_t log_z_s;
-  acc_t log_z_t;
-  acc_t kl;  // KL(p_t || p_s), before the T^2 factor
+// The per-row constants of the per-class KD math.
+template <typename V>
+struct KDRow {
+  V shift_s, shift_t;   // softmax_shift of the row maxima (logit units)
+  V inv_temperature;    // 1 / T
+  V temperature;
+  V log_ratio;          // log(S_s / S_t): r = (b - a) + log_ratio
 };
 
 template <typename acc_t>
-OFDKERN_HOST_DEVICE KDRowResult<acc_t> kd_finish(const KDRowState<acc_t>& st) {
-  const acc_t log_z_s = st.max_s + std::log(st.sum_s);
-  const acc_t log_z_t = st.max_t + std::log(st.sum_t);
-  // KL = sum p_t ((y - log_z_t) - (x - log_z_s)).
-  return KDRowResult<acc_t>{log_z_s, log_z_t, st.cross / st.sum_t - log_z_t + log_z_s};
+OFDKERN_HOST_DEVICE KDRow<acc_t> kd_row(SoftmaxStats<acc_t> student, SoftmaxStats<acc_t> teacher, acc_t temperature,
+                                       acc_t inv_temperature) {
+  return KDRow<acc_t>{softmax_shift(student.max), softmax_shift(teacher.max), inv_temperature, temperature,
+                      std::log(student.sum / teacher.sum)};
 }
 
-// Gradients of KL * T^2 for one class: wrt s, T (p_s - p_t); wrt t, T p_t (log p_t - log p_s - KL)
-// (0 where p_t is 0, as autograd through the reference's xlogy gives).
-template <typename acc_t>
-struct KDClassGrad {
-  acc_t d_student;
-  acc_t d_teacher;
+// |r| below which g(r) comes from its series (above it, r + (p_s / p_t - 1) cancels at most ~5 bits).
+constexpr double kKDSeriesBound = 0.5;
+
+constexpr double inverse_factorial(int n) {
+  double factorial = 1;
+  for (int i = 2; i <= n; ++i) factorial *= i;
+  return 1 / factorial;
+}
+
+// sum_{i=k}^{kLast} x^(i-k) / i!, by Horner's rule.
+template <typename M, int k, int kLast, typename V = typename M::value>
+OFDKERN_HOST_DEVICE V exp_series_tail(const V& x) {
+  using S = typename M::scalar;
+  constexpr S coefficient = S(inverse_factorial(k));
+  if constexpr (k == kLast) return V(coefficient);
+  else return exp_series_tail<M, k + 1, kLast>(x) * x + V(coefficient);
+}
+
+// g(r) = r - 1 + exp(-r) = r^2 sum_{i>=2} (-r)^(i-2) / i! for |r| < kKDSeriesBound, truncated where the
+// next term is below the type's rounding (r^9 for float, r^16 for double).
+template <typename M, typename V = typename M::value>
+OFDKERN_HOST_DEVICE V kd_divergence_series(const V& r) {
+  constexpr int kLast = sizeof(typename M::scalar) == sizeof(double) ? 16 : 9;
+  return r * r * exp_series_tail<M, 2, kLast>(V(typename M::scalar(0)) - r);
+}
+
+template <typename V>
+struct KDClassTerms {
+  V loss;       // the class's share of KL: p_t g(r) (a class with p_t = 0 adds its p_s, see above)
+  V d_student;  // d (T^2 KL) / d s = T (p_s - p_t)
 };
 
-template <typename acc_t>
-OFDKERN_HOST_DEVICE KDClassGrad<acc_t> kd_class_grad(acc_t x, acc_t y, const KDRowResult<acc_t>& row,
-                                                    acc_t temperature) {
-  const acc_t log_p_s = x - row.log_z_s;
-  const acc_t log_p_t = y - row.log_z_t;
-  const acc_t p_t = std::exp(log_p_t);
-  const acc_t d_teacher = p_t > acc_t(0) ? temperature * p_t * (log_p_t - log_p_s - row.kl) : acc_t(0);
-  return KDClassGrad<acc_t>{temperature * (std::exp(log_p_s) - p_t), d_teacher};
+// One class, from its logits and its probabilities under both softmaxes.
+template <typename M, typename V = typename M::value>
+OFDKERN_HOST_DEVICE KDClassTerms<V> kd_class_terms(const V& s, const V& t, const V& p_s, const V& p_t,
+                                                   const KDRow<V>& row) {
+  using S = typename M::scalar;
+  const V zero(S(0));
+  const V r = (kd_scaled(t, row.shift_t, row.inv_temperature) - kd_scaled(s, row.shift_s, row.inv_temperature)) +
+              row.log_ratio;
+  const auto near_zero = M::abs(r) < V(S(kKDSeriesBound));
+  const V g = kd_divergence_series<M>(r);
+  // Away from r = 0: p_t g = p_t r + (p_s - p_t), with p_s for p_t exp(-r) (exact where p_t underflows);
+  // p_t r is 0 where p_t is (the reference's xlogy), also for r = -inf.
+  const V loss = M::select(near_zero, p_t * g, M::select(p_t > zero, p_t * r, zero) + (p_s - p_t));
+  // p_s - p_t = p_t (g - r): the series form where the two probabilities nearly cancel.
+  const V d_student = row.temperature * M::select(near_zero, p_t * (g - r), p_s - p_t);
+  return KDClassTerms<V>{loss, d_student};
 }
 
+// d (T^2 KL) / d t = T p_t (r - KL) for one class; 0 where p_t is 0 (the limit: autograd through the
+// reference's xlogy gives NaN there).
+template <typename M, typename V = typename M::value>
+OFDKERN_HOST_DEVICE V kd_teacher_grad(const V& s, const V& t, const V& p_t, const KDRow<V>& row, const V& kl) {
+  using S = typename M::scalar;
+  const V zero(S(0));
+  const V r = (kd_scaled(t, row.shift_t, row.inv_temperature) - kd_scaled(s, row.shift_s, row.inv_temperature)) +
+              row.log_ratio;
+  return M::select(p_t > zero, row.temperature * p_t * (r - kl), zero);
+}
+
+}  // namespace
 }  // namespace ofdkern

@@ -1,6 +1,7 @@
-"""Exercises every instance of the CUDA kernels of ``ofdkern::ofd_fused``, ``ofdkern::scale_`` and
-``ofdkern::align_fused`` on small, awkward inputs, for tools/sanitize_cuda.sh (compute-sanitizer memcheck /
-racecheck) and as a plain GPU smoke test.
+"""Exercises every instance of the CUDA kernels of ``ofdkern::ofd_fused``, ``ofdkern::scale_``,
+``ofdkern::align_fused`` and the FRSKD ops (``attention_map``, ``attention_map_backward``,
+``attention_transfer_maps``, ``kd_fused``) on small, awkward inputs, for tools/sanitize_cuda.sh (compute-sanitizer
+memcheck / racecheck) and as a plain GPU smoke test.
 
 Covers: all 16 output combinations (loss reduced or per element x each gradient), fp32/fp64/fp16/bf16,
 NCHW, channels_last, channels_last_3d, 2-D features, a size-1 channel dim, sizes that leave a scalar tail,
@@ -9,13 +10,22 @@ one element into their storage (misaligned: the scalar kernels), inputs large en
 more than once over the grid, exact ties t == margin, and an empty tensor.
 Outputs are checked against the C++ CPU kernel, reruns against themselves (bitwise), scale_ against the
 float32 (float64) product rounded once, and the public ``ofd_loss(backend="cuda")`` with autograd against
-the eager reference. align_fused: NCHW, channels_last and mixed layouts, with and without a margin, every
-gradient combination, 2-D features, one pixel, several tiles, an empty batch, against its C++ CPU kernel.
+the eager reference.
+
+align_fused: NCHW, channels_last and mixed layouts, with and without a margin, several gradient combinations,
+2-D features, one pixel, several tiles, an empty batch, against its C++ CPU kernel and rerun bitwise.
+
+FRSKD: KD rows of one chunk (the fused kernel) and of several (stats, terms, finish and teacher kernels), a
+single class, sizes one past a chunk, every combination of gradients; attention maps and their gradients for
+NCHW, channels_last, channels_last_3d, a layout the kernels do not walk (copied), 2-D features and size-1 dims,
+exponents 2, 1 and general; the map math with an all-zero map (below F.normalize's eps); empty inputs. Each is
+checked against the C++ CPU kernel and rerun bitwise, and the public losses with autograd against the reference.
 Exit status 1 on any mismatch.
 """
 from __future__ import annotations
 
 import itertools
+import math
 import sys
 
 import torch
@@ -141,6 +151,98 @@ def check_scale(numel, offset, dtype) -> None:
     check(torch.equal(storage[:offset], head), f"{what}: wrote before the view")
 
 
+# --- FRSKD ------------------------------------------------------------------------------------------------
+
+# (rows, classes): one chunk of 4096 classes (the fused kernel), one past it, several chunks, a single class,
+# no classes and no rows.
+KD_CASES = [(3, 1), (3, 7), (2, 4096), (2, 4097), (3, 9000), (1, 20000), (4, 0), (0, 5)]
+# (feature shape, layout, exponent)
+ATTENTION_CASES = [((3, 5, 7, 9), "contiguous", 2.0), ((3, 5, 7, 9), "channels_last", 2.0),
+                   ((3, 5, 7, 9), "contiguous", 3.0), ((3, 40, 7, 9), "channels_last", 1.5),
+                   ((2, 3, 4, 5, 7), "channels_last_3d", 2.0), ((2, 70), "contiguous", 2.0),
+                   ((5, 1, 3, 3), "contiguous", 1.0), ((4, 33, 1, 1), "channels_last", 2.0),
+                   ((0, 3, 2, 2), "contiguous", 2.0)]
+
+
+def check_outputs(what, gpu, cpu, rerun, dtype) -> None:
+    for index, (g, c) in enumerate(zip(gpu, cpu)):
+        check(close(g, c, dtype), f"{what}: output {index}")
+    check(all(torch.equal(a, b) for a, b in zip(gpu, rerun)), f"{what}: rerun not bitwise equal")
+
+
+def check_kd(rows, classes, dtype) -> None:
+    generator = torch.Generator(device="cuda").manual_seed(3)
+    student = (3 * torch.randn(rows, classes, generator=generator, device="cuda")).to(dtype)
+    teacher = (3 * torch.randn(rows, classes, generator=generator, device="cuda")).to(dtype)
+    for flags in itertools.product((False, True), repeat=2):
+        call = lambda s, t: torch.ops.ofdkern.kd_fused(s, t, 3.0, *flags)
+        check_outputs(f"kd_fused {rows}x{classes} {dtype} grads={flags}", call(student, teacher),
+                      call(student.cpu(), teacher.cpu()), call(student, teacher), dtype)
+    if rows and classes:
+        leaves = [x.detach().requires_grad_() for x in (student, teacher)]
+        loss = ofdkern.kd_loss(*leaves, backend="cuda")
+        expected = reference.kd_loss(*(x.double() for x in leaves))
+        grads = torch.autograd.grad(loss, leaves)
+        expected_grads = torch.autograd.grad(expected, leaves)
+        check(close(loss, expected.to(loss.dtype).cpu(), dtype), f"kd_loss {rows}x{classes} {dtype}: loss")
+        for g, e in zip(grads, expected_grads):
+            check(close(g, e.to(g.dtype).cpu(), dtype), f"kd_loss {rows}x{classes} {dtype}: gradient")
+
+
+def attention_feature(shape, layout, dtype, generator, nonnegative):
+    x = torch.randn(shape, generator=generator, device="cuda")
+    x = (x.abs() if nonnegative else x).to(dtype)
+    if layout != "contiguous":
+        x = x.to(memory_format=MEMORY_FORMATS[layout])
+    return x
+
+
+def check_attention(shape, layout, p, dtype) -> None:
+    generator = torch.Generator(device="cuda").manual_seed(4)
+    feature = attention_feature(shape, layout, dtype, generator, nonnegative=p == 1.5)
+    merged = feature.reshape(shape[0], shape[1], math.prod(shape[2:]))
+    acc = accumulation_dtype(dtype)
+    name = f"{tuple(shape)} {layout} p={p} {dtype}"
+    for view_name, view in (("merged", merged), ("every other position", merged[..., ::2])):
+        maps = lambda f: (torch.ops.ofdkern.attention_map(f, p),)
+        check_outputs(f"attention_map {name} {view_name}", maps(view), maps(view.cpu()), maps(view), dtype)
+    grad_map = torch.randn(shape[0], merged.shape[2], generator=generator, device="cuda").to(acc)
+    backward = lambda f, g: (torch.ops.ofdkern.attention_map_backward(f, g, p),)
+    gpu = backward(merged, grad_map)
+    check_outputs(f"attention_map_backward {name}", gpu, backward(merged.cpu(), grad_map.cpu()),
+                  backward(merged, grad_map), dtype)
+    check(gpu[0].stride() == merged.stride() or gpu[0].numel() == 0, f"attention_map_backward {name}: layout")
+    if shape[0] and shape[1]:
+        teacher = attention_feature(shape, layout, dtype, generator, nonnegative=p == 1.5)
+        leaves = [x.detach().requires_grad_() for x in (feature, teacher)]
+        loss = ofdkern.attention_transfer_loss(*leaves, p=p, backend="cuda")
+        expected = reference.attention_transfer_loss(*(x.double() for x in leaves), p)
+        grads = torch.autograd.grad(loss, leaves)
+        expected_grads = torch.autograd.grad(expected, leaves)
+        check(close(loss, expected.to(loss.dtype).cpu(), dtype), f"attention_transfer_loss {name}: loss")
+        for g, e in zip(grads, expected_grads):
+            scale = e.abs().max().item() or 1.0  # 0 for a single position: both maps normalize to 1
+            check(close(g / scale, (e / scale).to(g.dtype).cpu(), dtype), f"attention_transfer_loss {name}: gradient")
+
+
+def check_attention_maps(batch, positions, dtype) -> None:
+    generator = torch.Generator(device="cuda").manual_seed(6)
+    map_student = torch.rand(batch, positions, generator=generator, device="cuda", dtype=dtype)
+    map_teacher = torch.rand(batch, positions, generator=generator, device="cuda", dtype=dtype)
+    if batch > 1:
+        map_student[1] = 0  # below F.normalize's eps
+    for flags in itertools.product((False, True), repeat=2):
+        call = lambda a, b: torch.ops.ofdkern.attention_transfer_maps(a, b, *flags)
+        gpu = call(map_student, map_teacher)
+        cpu = call(map_student.cpu(), map_teacher.cpu())
+        # The all-zero map's gradient is divided by eps: compare relative to the largest value.
+        scaled = lambda outputs: [o / (o.abs().max().item() or 1.0) if o.numel() else o for o in outputs]
+        check_outputs(f"attention_transfer_maps {batch}x{positions} {dtype} grads={flags}", scaled(gpu),
+                      scaled(cpu), scaled(call(map_student, map_teacher)), dtype)
+
+
+# --- channel-wise alignment -----------------------------------------------------------------------------
+
 # align_fused: (batch, student channels, hidden, teacher channels, spatial, student layout, teacher layout).
 # 2 x 96 x 48 x 48 fp32 needs two tiles of the CUDA kernel's smallest budget.
 ALIGN_CASES = [
@@ -197,10 +299,17 @@ def main() -> int:
         check_public((3, 5, 7, 9), "channels_last", 1, dtype)
         for numel, offset in SCALE_CASES:
             check_scale(numel, offset, dtype)
+        for rows, classes in KD_CASES:
+            check_kd(rows, classes, dtype)
+        for shape, layout, p in ATTENTION_CASES:
+            check_attention(shape, layout, p, dtype)
         for case in ALIGN_CASES:
             for margin_wanted in (False, True):
                 for grads in ((False, False, False), (True, True, True), (True, False, False), (False, True, False)):
                     check_align(case, dtype, margin_wanted, grads)
+    for dtype in (torch.float32, torch.float64):
+        for batch, positions in ((3, 784), (2, 1), (4, 3000), (0, 5), (2, 0)):
+            check_attention_maps(batch, positions, dtype)
     torch.cuda.synchronize()
     print(f"{len(failures)} failures", flush=True)
     return 1 if failures else 0

@@ -9,6 +9,8 @@ max/sum and writes the logit gradients in the same call, so backward only scales
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -20,45 +22,39 @@ from .._validation import check_attention_transfer_args, check_kd_args
 from ._autograd import backward_scale, input_gradient, setup_scaled_backward
 from ._common import autocast_loss, autocast_off, divide_by_count, reduction_count
 
-_ATTENTION_KERNELS = ("ofdkern::attention_map", "ofdkern::attention_map_backward")
+_ATTENTION_KERNELS = ("ofdkern::attention_map", "ofdkern::attention_map_backward", "ofdkern::attention_transfer_maps")
 ATTENTION_TRANSFER = register_op("attention_transfer_loss", cpu=Backend(_ATTENTION_KERNELS),
                                  cuda=Backend(_ATTENTION_KERNELS), triton=Backend())
 KD = register_op("kd_loss", cpu=Backend(("ofdkern::kd_fused",)), cuda=Backend(("ofdkern::kd_fused",)),
                  triton=Backend())
 
-# F.normalize's eps: the attention map norm is clamped below at this value.
-NORMALIZE_EPS = 1e-12
+
+class _Kernels(NamedTuple):
+    """A backend's FRSKD kernels, with the contracts of csrc/frskd_fused.h."""
+    attention_map: Callable
+    attention_map_backward: Callable
+    attention_transfer_maps: Callable
+    kd_fused: Callable
 
 
-def _kernels(backend: str):
-    """(attention_map, attention_map_backward, kd_fused) of ``backend``, with the contracts of csrc/frskd_fused.h."""
+def _kernels(backend: str) -> _Kernels:
     if backend == "triton":
         from ..kernels import frskd_triton
 
-        return frskd_triton.attention_map, frskd_triton.attention_map_backward, frskd_triton.kd_fused
+        return _Kernels(frskd_triton.attention_map, frskd_triton.attention_map_backward,
+                        frskd_triton.attention_transfer_maps, frskd_triton.kd_fused)
     # "cpu" and "cuda" are the C++ ops; the tensors' device picks the kernel.
     ops = torch.ops.ofdkern
-    return ops.attention_map.default, ops.attention_map_backward.default, ops.kd_fused.default
+    return _Kernels(ops.attention_map.default, ops.attention_map_backward.default,
+                    ops.attention_transfer_maps.default, ops.kd_fused.default)
 
 
-def _normalize_backward(grad: torch.Tensor, normalized: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
-    """d/d a of <grad, a / max(|a|, eps)> per row, as autograd takes it through F.normalize: the projection
-    off the row's direction above eps, a plain division by eps below it."""
-    projected = (grad - normalized * (normalized * grad).sum(dim=1, keepdim=True)) / norm.clamp_min(NORMALIZE_EPS)
-    return torch.where(norm >= NORMALIZE_EPS, projected, grad / NORMALIZE_EPS)
-
-
-def _attention_transfer_on_maps(map_student: torch.Tensor, map_teacher: torch.Tensor):
-    """Sum of squared differences of the normalized maps and its gradients wrt both maps."""
+def _attention_transfer_on_maps(map_student: torch.Tensor, map_teacher: torch.Tensor, backend: str):
+    """Sum of squared differences of the normalized maps and its gradients wrt both maps (one fused kernel)."""
     dtype = result_dtype(map_student, map_teacher)
-    maps = (map_student.to(dtype), map_teacher.to(dtype))
-    norms = [torch.linalg.vector_norm(m, dim=1, keepdim=True) for m in maps]
-    normalized = [m / n.clamp_min(NORMALIZE_EPS) for m, n in zip(maps, norms)]
-    diff = normalized[0] - normalized[1]
-    grad_normalized = 2 * diff
-    grad_student = _normalize_backward(grad_normalized, normalized[0], norms[0])
-    grad_teacher = _normalize_backward(-grad_normalized, normalized[1], norms[1])
-    return diff.square().sum(), grad_student.to(map_student.dtype), grad_teacher.to(map_teacher.dtype)
+    row_loss, grad_student, grad_teacher = _kernels(backend).attention_transfer_maps(
+        map_student.to(dtype), map_teacher.to(dtype), True, True)
+    return row_loss.sum(), grad_student.to(map_student.dtype), grad_teacher.to(map_teacher.dtype)
 
 
 @torch.library.custom_op("ofdkern::attention_transfer_fused", mutates_args=())
@@ -68,10 +64,10 @@ def attention_transfer_fused(f_student: torch.Tensor, f_teacher: torch.Tensor, p
     """Returns (loss, d loss/d student map, d loss/d teacher map); the map gradients are for a unit upstream
     gradient without the reduction's scaling, as (N, positions) tensors in the accumulation dtypes."""
     with autocast_off(f_student.device):
-        attention_map, _, _ = _kernels(backend)
+        attention_map = _kernels(backend).attention_map
         map_student = attention_map(as_positions(f_student), p)
         map_teacher = attention_map(as_positions(f_teacher), p)
-        total, grad_student, grad_teacher = _attention_transfer_on_maps(map_student, map_teacher)
+        total, grad_student, grad_teacher = _attention_transfer_on_maps(map_student, map_teacher, backend)
         loss = divide_by_count(total, reduction_count(map_student.shape, reduction))
         return loss.to(result_dtype(f_student, f_teacher)), grad_student, grad_teacher
 
@@ -91,7 +87,7 @@ def _(f_student, f_teacher, p, reduction, backend, in_place_backward):
 def attention_map_grad(feature: torch.Tensor, grad_map: torch.Tensor, p: float, backend: str) -> torch.Tensor:
     """d <grad_map, attention map of feature> / d feature: one more read of the feature."""
     with autocast_off(feature.device):
-        _, attention_map_backward, _ = _kernels(backend)
+        attention_map_backward = _kernels(backend).attention_map_backward
         return attention_map_backward(as_positions(feature), grad_map.contiguous(), p).view(feature.shape)
 
 
@@ -136,9 +132,8 @@ def kd_loss_fused(student: torch.Tensor, teacher: torch.Tensor, temperature: flo
     empty."""
     with autocast_off(student.device):
         dtype = result_dtype(student, teacher)
-        _, _, kd_fused = _kernels(backend)
-        row_loss, d_student, d_teacher = kd_fused(student.to(dtype).contiguous(), teacher.to(dtype).contiguous(),
-                                                  temperature, grad_student, grad_teacher)
+        row_loss, d_student, d_teacher = _kernels(backend).kd_fused(
+            student.to(dtype).contiguous(), teacher.to(dtype).contiguous(), temperature, grad_student, grad_teacher)
         loss = row_loss if reduction == "none" else divide_by_count(row_loss.sum(),
                                                                     reduction_count(student.shape, reduction))
         return loss.to(dtype), d_student, d_teacher

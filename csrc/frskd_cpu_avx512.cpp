@@ -1,0 +1,25 @@
+// The FRSKD CPU kernels for AVX-512 (F, BW, VL, DQ: torch's AVX512 capability; frskd_cpu.h): 16 floats per
+// vector.
+#include "frskd_cpu.h"
+
+#if OFDKERN_FRSKD_X86_VARIANTS
+#define CPU_CAPABILITY AVX512
+#define CPU_CAPABILITY_AVX512
+#include "frskd_cpu_prelude.h"
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
+// GCC's C++ front end does not define the pragma's target macros; sleef.h declares its 512-bit functions
+// under them.
+#ifndef __AVX__
+#define __AVX__ 1
+#endif
+#ifndef __AVX2__
+#define __AVX2__ 1
+#endif
+#ifndef __FMA__
+#define __FMA__ 1
+#endif
+#ifndef __AVX512F__
+#define __AVX512F__ 1
+#endif
+#include "frskd_cpu_kernels.h"
+#endif

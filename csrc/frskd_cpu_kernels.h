@@ -1,0 +1,547 @@
+// The FRSKD CPU kernels (frskd_cpu.h) on at::vec vectors of the instruction set CPU_CAPABILITY. Included by
+// frskd_cpu_<isa>.cpp, after frskd_cpu_prelude.h and that file's #pragma GCC target; everything here is in
+// the namespace ofdkern::CPU_CAPABILITY, so the variants stay apart.
+//
+// KD: a row is split into blocks of kClassBlock classes. Pass 1 takes each block's max and sum of
+// e = exp((v - max) / T) (two sweeps over the block, which stays in cache) and keeps the e; the blocks of a row
+// are merged in block order; pass 2 turns the kept e into probabilities and writes each block's share of KL
+// and its student gradient; the row's KL is the sum of the shares in block order; the teacher gradient, which
+// needs that KL, is a pass 3. Two exps per class in all. With many rows (or rows of one block) a row is a task
+// and its passes run back to back on one thread, its logits and e in that thread's cache; with few wide rows
+// the blocks are the tasks, pass by pass. The blocks and every order of summation depend on the shape only, so
+// neither the schedule nor the thread count changes a bit.
+#pragma once
+
+// at::vec's headers carry pragmas for other compilers and return vectors from functions compiled for narrower
+// targets in code this file never calls; GCC 12 takes the deliberately undefined pass-through operand of some
+// AVX-512 conversion intrinsics for an uninitialized variable.
+#pragma GCC diagnostic ignored "-Wunknown-pragmas"
+#pragma GCC diagnostic ignored "-Wpsabi"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include "frskd_fused.h"
+#include "frskd_math.h"
+
+namespace ofdkern {
+namespace CPU_CAPABILITY {
+namespace {
+
+using at::vec::Vectorized;
+
+// The vector policy of frskd_math.h (Sleef's pow through at::vec; the kernels take Sleef's exp the same way).
+template <typename acc_t>
+struct VecMath {
+  using scalar = acc_t;
+  using value = Vectorized<acc_t>;
+  static value abs(const value& x) { return x.abs(); }
+  static value pow(const value& x, const value& p) { return x.pow(p); }
+  static value select(const value& mask, const value& if_true, const value& if_false) {
+    return value::blendv(if_false, if_true, mask);
+  }
+};
+
+// Classes per KD block: both logit blocks (2 x 16 KiB in fp32) stay in L1/L2 between the sweeps of a pass.
+constexpr int64_t kClassBlock = 4096;
+// Positions per attention tile when positions are innermost: one accumulator row stays in L1.
+constexpr int64_t kPositionTile = 1024;
+// Positions per task when channels are innermost, and channels converted at a time there.
+constexpr int64_t kChannelsInnerTile = 16;
+constexpr int64_t kChannelChunk = 1024;
+
+template <typename acc_t>
+constexpr int64_t kWidth = Vectorized<acc_t>::size();
+
+// The first n (1 <= n <= width) elements at data, the other lanes set to fill.
+template <typename acc_t>
+Vectorized<acc_t> load_lanes(const acc_t* data, int64_t n, acc_t fill) {
+  using Vec = Vectorized<acc_t>;
+  return n == Vec::size() ? Vec::loadu(data) : Vec::set(Vec(fill), Vec::loadu(data, n), n);
+}
+
+// v with the lanes from n on zeroed (n = width: all of v).
+template <typename acc_t>
+Vectorized<acc_t> first_lanes(const Vectorized<acc_t>& v, int64_t n) {
+  using Vec = Vectorized<acc_t>;
+  return n == Vec::size() ? v : Vec::set(Vec(acc_t(0)), v, n);
+}
+
+// Sums and maxima over the lanes, in lane order.
+template <typename acc_t>
+acc_t lane_sum(const Vectorized<acc_t>& v) {
+  acc_t lanes[Vectorized<acc_t>::size()];
+  v.store(lanes);
+  acc_t total = 0;
+  for (acc_t lane : lanes) total += lane;
+  return total;
+}
+
+template <typename acc_t>
+acc_t lane_max(const Vectorized<acc_t>& v) {
+  acc_t lanes[Vectorized<acc_t>::size()];
+  v.store(lanes);
+  acc_t result = lanes[0];
+  for (acc_t lane : lanes) result = ScalarMath<acc_t>::max(result, lane);
+  return result;
+}
+
+// Up to kCapacity elements of an input in the accumulation type: the data itself, or (half precision) a
+// copy converted vector by vector.
+template <typename scalar_t, int64_t kCapacity>
+class InputBlock {
+  using acc_t = accumulation_t<scalar_t>;
+  static constexpr bool kConverts = !std::is_same_v<scalar_t, acc_t>;
+
+ public:
+  const acc_t* load(const scalar_t* src, int64_t n) {
+    if constexpr (kConverts) {
+      using Half = Vectorized<scalar_t>;
+      int64_t i = 0;
+      for (; i + Half::size() <= n; i += Half::size()) {
+        auto [low, high] = at::vec::convert_to_float<scalar_t>(Half::loadu(src + i));
+        low.store(buffer_ + i);
+        high.store(buffer_ + i + kWidth<acc_t>);
+      }
+      for (; i < n; ++i) buffer_[i] = static_cast<acc_t>(src[i]);
+      return buffer_;
+    } else {
+      return src;
+    }
+  }
+
+ private:
+  acc_t buffer_[kConverts ? kCapacity : 1];
+};
+
+// Where up to kCapacity elements of an output are computed in the accumulation type: the output itself, or
+// (half precision) a buffer that store() converts into it.
+template <typename scalar_t, int64_t kCapacity>
+class OutputBlock {
+  using acc_t = accumulation_t<scalar_t>;
+  static constexpr bool kConverts = !std::is_same_v<scalar_t, acc_t>;
+
+ public:
+  acc_t* data(scalar_t* dst) {
+    if constexpr (kConverts) return buffer_;
+    else return dst;
+  }
+
+  void store(scalar_t* dst, int64_t n) const {
+    if constexpr (kConverts) {
+      using Half = Vectorized<scalar_t>;
+      int64_t i = 0;
+      for (; i + Half::size() <= n; i += Half::size()) {
+        const auto low = Vectorized<acc_t>::loadu(buffer_ + i);
+        const auto high = Vectorized<acc_t>::loadu(buffer_ + i + kWidth<acc_t>);
+        at::vec::convert_from_float<scalar_t>(low, high).store(dst + i);
+      }
+      for (; i < n; ++i) dst[i] = static_cast<scalar_t>(buffer_[i]);
+    }
+  }
+
+ private:
+  acc_t buffer_[kConverts ? kCapacity : 1];
+};
+
+// --- KD ---------------------------------------------------------------------------------------------------
+
+// Max and sum of e = exp((v - shift) / T) of n logits, writing each e to exps: the max first (the block is in
+// cache), then one exp per class.
+template <typename acc_t>
+SoftmaxStats<acc_t> softmax_stats(const acc_t* logits, int64_t n, acc_t inv_temperature, acc_t* exps) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t kWidth4 = 4 * kWidth<acc_t>;
+  const acc_t minus_inf = negative_infinity<acc_t>();
+  // Four independent maxima: one chain of NaN-propagating maxima would wait on its own latency.
+  Vec max[4] = {Vec(minus_inf), Vec(minus_inf), Vec(minus_inf), Vec(minus_inf)};
+  int64_t i = 0;
+  for (; i + kWidth4 <= n; i += kWidth4) {
+    for (int k = 0; k < 4; ++k) max[k] = at::vec::maximum(max[k], Vec::loadu(logits + i + k * kWidth<acc_t>));
+  }
+  for (; i < n; i += kWidth<acc_t>) {
+    max[0] = at::vec::maximum(max[0], load_lanes(logits + i, std::min(kWidth<acc_t>, n - i), minus_inf));
+  }
+  const acc_t block_max =
+      lane_max(at::vec::maximum(at::vec::maximum(max[0], max[1]), at::vec::maximum(max[2], max[3])));
+  const Vec shift(softmax_shift(block_max)), scale(inv_temperature);
+  Vec sum(acc_t(0));
+  for (i = 0; i < n; i += kWidth<acc_t>) {
+    const int64_t lanes = std::min(kWidth<acc_t>, n - i);
+    const Vec e = kd_scaled(Vec::loadu(logits + i, lanes), shift, scale).exp();
+    sum += first_lanes(e, lanes);
+    e.store(exps + i, lanes);
+  }
+  return SoftmaxStats<acc_t>{block_max, lane_sum(sum)};
+}
+
+template <typename acc_t>
+struct KDBlockStats {
+  SoftmaxStats<acc_t> student, teacher;
+};
+
+// A row's constants and its max and sum (from which kd_block derives each block's factors p = e * scale).
+template <typename acc_t>
+struct KDRowOfBlocks {
+  KDRow<acc_t> row;
+  SoftmaxStats<acc_t> student, teacher;  // the row's max and sum
+};
+
+// The row from its blocks' stats: the row max first, then each block's sum rescaled to it once, added in
+// block order.
+template <typename acc_t>
+KDRowOfBlocks<acc_t> merged_row(const KDBlockStats<acc_t>* blocks, int64_t count, acc_t temperature,
+                                acc_t inv_temperature) {
+  SoftmaxStats<acc_t> student{negative_infinity<acc_t>(), 0}, teacher{negative_infinity<acc_t>(), 0};
+  for (int64_t b = 0; b < count; ++b) {
+    student.max = ScalarMath<acc_t>::max(student.max, blocks[b].student.max);
+    teacher.max = ScalarMath<acc_t>::max(teacher.max, blocks[b].teacher.max);
+  }
+  for (int64_t b = 0; b < count; ++b) {
+    student.sum += blocks[b].student.sum * block_rescale(blocks[b].student.max, student.max, inv_temperature);
+    teacher.sum += blocks[b].teacher.sum * block_rescale(blocks[b].teacher.max, teacher.max, inv_temperature);
+  }
+  return KDRowOfBlocks<acc_t>{kd_row(student, teacher, temperature, inv_temperature), student, teacher};
+}
+
+template <typename acc_t>
+KDRow<Vectorized<acc_t>> broadcast(const KDRow<acc_t>& row) {
+  using Vec = Vectorized<acc_t>;
+  return KDRow<Vec>{Vec(row.shift_s), Vec(row.shift_t), Vec(row.inv_temperature), Vec(row.temperature),
+                    Vec(row.log_ratio)};
+}
+
+// One block of a row: its logits and their e in the accumulation type, and the factors p = e * scale.
+template <typename acc_t>
+struct KDBlock {
+  const acc_t *s, *t, *e_s, *e_t;
+  int64_t n;
+  acc_t scale_s, scale_t;
+};
+
+template <typename acc_t>
+KDBlock<acc_t> kd_block(const acc_t* s, const acc_t* t, const acc_t* e_s, const acc_t* e_t, int64_t n,
+                        const KDBlockStats<acc_t>& stats, const KDRowOfBlocks<acc_t>& row) {
+  const acc_t inv_temperature = row.row.inv_temperature;
+  return KDBlock<acc_t>{s, t, e_s, e_t, n,
+                        block_rescale(stats.student.max, row.student.max, inv_temperature) / row.student.sum,
+                        block_rescale(stats.teacher.max, row.teacher.max, inv_temperature) / row.teacher.sum};
+}
+
+// Pass 2 over a block: returns its share of KL; writes d (T^2 KL) / d s when d_student is not null.
+template <typename acc_t>
+acc_t kd_block_terms(const KDBlock<acc_t>& block, const KDRow<acc_t>& row, acc_t* d_student) {
+  using Vec = Vectorized<acc_t>;
+  const KDRow<Vec> lanes_row = broadcast(row);
+  const Vec scale_s(block.scale_s), scale_t(block.scale_t);
+  // Locals: the stores to d_student could alias the block's fields for all the compiler knows.
+  const acc_t *s = block.s, *t = block.t, *e_s = block.e_s, *e_t = block.e_t;
+  const int64_t n = block.n;
+  Vec kl(acc_t(0));
+  for (int64_t i = 0; i < n; i += kWidth<acc_t>) {
+    const int64_t lanes = std::min(kWidth<acc_t>, n - i);
+    const auto terms = kd_class_terms<VecMath<acc_t>>(Vec::loadu(s + i, lanes), Vec::loadu(t + i, lanes),
+                                                      Vec::loadu(e_s + i, lanes) * scale_s,
+                                                      Vec::loadu(e_t + i, lanes) * scale_t, lanes_row);
+    kl += first_lanes(terms.loss, lanes);
+    if (d_student) terms.d_student.store(d_student + i, lanes);
+  }
+  return lane_sum(kl);
+}
+
+// Pass 3 over a block: d (T^2 KL) / d t, given the row's KL.
+template <typename acc_t>
+void kd_block_teacher_grad(const KDBlock<acc_t>& block, const KDRow<acc_t>& row, acc_t kl, acc_t* d_teacher) {
+  using Vec = Vectorized<acc_t>;
+  const KDRow<Vec> lanes_row = broadcast(row);
+  const Vec scale_t(block.scale_t), row_kl(kl);
+  const acc_t *s = block.s, *t = block.t, *e_t = block.e_t;
+  const int64_t n = block.n;
+  for (int64_t i = 0; i < n; i += kWidth<acc_t>) {
+    const int64_t lanes = std::min(kWidth<acc_t>, n - i);
+    kd_teacher_grad<VecMath<acc_t>>(Vec::loadu(s + i, lanes), Vec::loadu(t + i, lanes),
+                                    Vec::loadu(e_t + i, lanes) * scale_t, lanes_row, row_kl)
+        .store(d_teacher + i, lanes);
+  }
+}
+
+// One thread's buffers for a block: both logit blocks in the accumulation type and a gradient block.
+template <typename scalar_t>
+struct KDBuffers {
+  InputBlock<scalar_t, kClassBlock> student, teacher;
+  OutputBlock<scalar_t, kClassBlock> grad;
+};
+
+// Rows per thread from which each row is one task (one parallel region, a row and its e in one thread's
+// cache); fewer rows, and their blocks are the tasks (a parallel region per pass).
+constexpr int64_t kRowTasksPerThread = 4;
+// The e of the block-task schedule are kept for at most this many bytes of rows at a time.
+constexpr int64_t kExpScratchBytes = int64_t{8} << 20;
+
+template <typename scalar_t>
+void kd_typed(const at::Tensor& student, const at::Tensor& teacher, double temperature, const KDOutputs& outputs) {
+  using acc_t = accumulation_t<scalar_t>;
+  const int64_t rows = student.size(0), classes = student.size(1);
+  const int64_t blocks = (classes + kClassBlock - 1) / kClassBlock;
+  const scalar_t* s_all = student.const_data_ptr<scalar_t>();
+  const scalar_t* t_all = teacher.const_data_ptr<scalar_t>();
+  acc_t* row_loss = std::get<0>(outputs).mutable_data_ptr<acc_t>();
+  const auto gradient = [](const at::Tensor& out) {
+    return out.numel() ? out.mutable_data_ptr<scalar_t>() : static_cast<scalar_t*>(nullptr);
+  };
+  scalar_t* gs_all = gradient(std::get<1>(outputs));
+  scalar_t* gt_all = gradient(std::get<2>(outputs));
+  const acc_t temp = static_cast<acc_t>(temperature);
+  const acc_t inv_temp = static_cast<acc_t>(1 / temperature);
+  // T^2 rounded once, as the reference's `* temperature ** 2`.
+  const acc_t temp_squared = static_cast<acc_t>(temperature * temperature);
+
+  // The passes over block b of row r; e_s and e_t hold the row's e (indexed by class). Whatever thread runs
+  // them and in whatever schedule, they compute the same bits.
+  const auto block_logits = [&](KDBuffers<scalar_t>& buf, int64_t r, int64_t b) {
+    const int64_t begin = b * kClassBlock, n = std::min(kClassBlock, classes - begin);
+    const int64_t offset = r * classes + begin;
+    return std::make_tuple(offset, n, buf.student.load(s_all + offset, n), buf.teacher.load(t_all + offset, n));
+  };
+  const auto stats_pass = [&](KDBuffers<scalar_t>& buf, int64_t r, int64_t b, acc_t* e_s, acc_t* e_t) {
+    const auto [offset, n, s, t] = block_logits(buf, r, b);
+    const int64_t begin = b * kClassBlock;
+    return KDBlockStats<acc_t>{softmax_stats(s, n, inv_temp, e_s + begin), softmax_stats(t, n, inv_temp, e_t + begin)};
+  };
+  const auto terms_pass = [&](KDBuffers<scalar_t>& buf, int64_t r, int64_t b, const acc_t* e_s, const acc_t* e_t,
+                              const KDBlockStats<acc_t>& stats, const KDRowOfBlocks<acc_t>& row) {
+    const auto [offset, n, s, t] = block_logits(buf, r, b);
+    const int64_t begin = b * kClassBlock;
+    const auto block = kd_block(s, t, e_s + begin, e_t + begin, n, stats, row);
+    const acc_t kl = kd_block_terms(block, row.row, gs_all ? buf.grad.data(gs_all + offset) : nullptr);
+    if (gs_all) buf.grad.store(gs_all + offset, n);
+    return kl;
+  };
+  const auto teacher_pass = [&](KDBuffers<scalar_t>& buf, int64_t r, int64_t b, const acc_t* e_s, const acc_t* e_t,
+                                const KDBlockStats<acc_t>& stats, const KDRowOfBlocks<acc_t>& row, acc_t kl) {
+    const auto [offset, n, s, t] = block_logits(buf, r, b);
+    const int64_t begin = b * kClassBlock;
+    kd_block_teacher_grad(kd_block(s, t, e_s + begin, e_t + begin, n, stats, row), row.row, kl,
+                          buf.grad.data(gt_all + offset));
+    buf.grad.store(gt_all + offset, n);
+  };
+  // The row's KL: its blocks' shares added in block order.
+  const auto row_kl_of = [&](const acc_t* block_kl) {
+    acc_t kl = 0;
+    for (int64_t b = 0; b < blocks; ++b) kl += block_kl[b];
+    return kl;
+  };
+
+  if (blocks == 1 || rows >= kRowTasksPerThread * at::get_num_threads()) {
+    const int64_t grain = std::max<int64_t>(1, kClassBlock / classes);
+    at::parallel_for(0, rows, grain, [&](int64_t first, int64_t last) {
+      KDBuffers<scalar_t> buf;
+      // Uninitialized: pass 1 writes every e before pass 2 reads it.
+      const std::unique_ptr<acc_t[]> exps(new acc_t[2 * classes]);
+      acc_t* e_s = exps.get();
+      acc_t* e_t = e_s + classes;
+      std::vector<KDBlockStats<acc_t>> stats(blocks);
+      std::vector<acc_t> block_kl(blocks);
+      for (int64_t r = first; r < last; ++r) {
+        for (int64_t b = 0; b < blocks; ++b) stats[b] = stats_pass(buf, r, b, e_s, e_t);
+        const KDRowOfBlocks<acc_t> row = merged_row(stats.data(), blocks, temp, inv_temp);
+        for (int64_t b = 0; b < blocks; ++b) block_kl[b] = terms_pass(buf, r, b, e_s, e_t, stats[b], row);
+        const acc_t kl = row_kl_of(block_kl.data());
+        row_loss[r] = kl * temp_squared;
+        if (gt_all) {
+          for (int64_t b = 0; b < blocks; ++b) teacher_pass(buf, r, b, e_s, e_t, stats[b], row, kl);
+        }
+      }
+    });
+    return;
+  }
+
+  // Few wide rows: the blocks are the tasks, pass by pass, over groups of rows whose e fit the scratch.
+  const int64_t group_rows =
+      std::clamp<int64_t>(kExpScratchBytes / (2 * classes * int64_t{sizeof(acc_t)}), 1, rows);
+  const at::Tensor scratch = at::empty({group_rows, 2, classes}, std::get<0>(outputs).options());
+  std::vector<KDBlockStats<acc_t>> stats(group_rows * blocks);
+  std::vector<KDRowOfBlocks<acc_t>> row_of_blocks(group_rows);
+  std::vector<acc_t> block_kl(group_rows * blocks), row_kl(group_rows);
+  for (int64_t first_row = 0; first_row < rows; first_row += group_rows) {
+    const int64_t count = std::min(group_rows, rows - first_row);
+    // body(buffers, row in the group, block, its row's e_s and e_t) for every block of the group, in parallel.
+    const auto for_each_block = [&](auto&& body) {
+      at::parallel_for(0, count * blocks, 1, [&](int64_t first, int64_t last) {
+        KDBuffers<scalar_t> buf;
+        for (int64_t item = first; item < last; ++item) {
+          const int64_t g = item / blocks;
+          acc_t* e_s = scratch.mutable_data_ptr<acc_t>() + g * 2 * classes;
+          body(buf, g, item % blocks, e_s, e_s + classes);
+        }
+      });
+    };
+    for_each_block([&](KDBuffers<scalar_t>& buf, int64_t g, int64_t b, acc_t* e_s, acc_t* e_t) {
+      stats[g * blocks + b] = stats_pass(buf, first_row + g, b, e_s, e_t);
+    });
+    for (int64_t g = 0; g < count; ++g) row_of_blocks[g] = merged_row(&stats[g * blocks], blocks, temp, inv_temp);
+    for_each_block([&](KDBuffers<scalar_t>& buf, int64_t g, int64_t b, acc_t* e_s, acc_t* e_t) {
+      block_kl[g * blocks + b] = terms_pass(buf, first_row + g, b, e_s, e_t, stats[g * blocks + b], row_of_blocks[g]);
+    });
+    for (int64_t g = 0; g < count; ++g) {
+      row_kl[g] = row_kl_of(&block_kl[g * blocks]);
+      row_loss[first_row + g] = row_kl[g] * temp_squared;
+    }
+    if (gt_all) {
+      for_each_block([&](KDBuffers<scalar_t>& buf, int64_t g, int64_t b, acc_t* e_s, acc_t* e_t) {
+        teacher_pass(buf, first_row + g, b, e_s, e_t, stats[g * blocks + b], row_of_blocks[g], row_kl[g]);
+      });
+    }
+  }
+}
+
+void kd_kernel(const at::Tensor& student, const at::Tensor& teacher, double temperature, const KDOutputs& outputs) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "kd_fused_cpu",
+                                  [&] { kd_typed<scalar_t>(student, teacher, temperature, outputs); });
+}
+
+// --- attention maps ---------------------------------------------------------------------------------------
+
+// Calls visit(n, j0, j1) over tiles of `tile` positions covering (N, S), in parallel.
+template <typename Visit>
+void for_position_tiles(const FeatureGeometry& g, int64_t tile, Visit&& visit) {
+  const int64_t tiles_per_sample = (g.positions + tile - 1) / tile;
+  at::parallel_for(0, g.batch * tiles_per_sample, 1, [&](int64_t first, int64_t last) {
+    for (int64_t item = first; item < last; ++item) {
+      const int64_t n = item / tiles_per_sample;
+      const int64_t j0 = (item % tiles_per_sample) * tile;
+      visit(n, j0, std::min(g.positions, j0 + tile));
+    }
+  });
+}
+
+// a = mean_c(f^p): for positions innermost (NCHW), a tile of positions accumulates channel after channel in
+// vectors across positions; for channels innermost (channels_last), each position sums its channels in vector
+// lanes, added in lane order.
+template <typename scalar_t, int kExponent>
+void attention_map_typed(const at::Tensor& feature, double p, const at::Tensor& map) {
+  using acc_t = accumulation_t<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  using M = VecMath<acc_t>;
+  const FeatureGeometry g = geometry(feature);
+  const scalar_t* f = feature.const_data_ptr<scalar_t>();
+  acc_t* out = map.mutable_data_ptr<acc_t>();
+  const Vec exponent(static_cast<acc_t>(p));
+  const acc_t channels = static_cast<acc_t>(g.channels);
+
+  if (attention_positions_inner(feature)) {
+    for_position_tiles(g, kPositionTile, [&](int64_t n, int64_t j0, int64_t j1) {
+      InputBlock<scalar_t, kPositionTile> in;
+      acc_t sums[kPositionTile];
+      const int64_t len = j1 - j0;
+      std::fill(sums, sums + len, acc_t(0));
+      for (int64_t c = 0; c < g.channels; ++c) {
+        const acc_t* x = in.load(f + n * g.batch_stride + c * g.channel_stride + j0, len);
+        for (int64_t i = 0; i < len; i += kWidth<acc_t>) {
+          const int64_t lanes = std::min(kWidth<acc_t>, len - i);
+          (Vec::loadu(sums + i, lanes) + attention_power<M, kExponent>(Vec::loadu(x + i, lanes), exponent))
+              .store(sums + i, lanes);
+        }
+      }
+      for (int64_t i = 0; i < len; ++i) out[n * g.positions + j0 + i] = sums[i] / channels;
+    });
+  } else {
+    for_position_tiles(g, kChannelsInnerTile, [&](int64_t n, int64_t j0, int64_t j1) {
+      InputBlock<scalar_t, kChannelChunk> in;
+      for (int64_t j = j0; j < j1; ++j) {
+        const scalar_t* position = f + n * g.batch_stride + j * g.position_stride;
+        Vec sum(acc_t(0));
+        for (int64_t c0 = 0; c0 < g.channels; c0 += kChannelChunk) {
+          const int64_t len = std::min(kChannelChunk, g.channels - c0);
+          const acc_t* x = in.load(position + c0, len);
+          for (int64_t i = 0; i < len; i += kWidth<acc_t>) {
+            const int64_t lanes = std::min(kWidth<acc_t>, len - i);
+            sum += first_lanes(attention_power<M, kExponent>(Vec::loadu(x + i, lanes), exponent), lanes);
+          }
+        }
+        out[n * g.positions + j] = lane_sum(sum) / channels;
+      }
+    });
+  }
+}
+
+// d <grad_map, a> / d f = (grad_map / C) * p f^(p-1) (the mean's backward, then the power's, as autograd
+// applies them); one read of the feature and one write of its gradient, in the feature's layout.
+template <typename scalar_t, int kExponent>
+void attention_map_backward_typed(const at::Tensor& feature, const at::Tensor& grad_map, double p,
+                                  const at::Tensor& grad) {
+  using acc_t = accumulation_t<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  using M = VecMath<acc_t>;
+  const FeatureGeometry g = geometry(feature);
+  const scalar_t* f = feature.const_data_ptr<scalar_t>();
+  const acc_t* gm = grad_map.const_data_ptr<acc_t>();
+  scalar_t* out = grad.mutable_data_ptr<scalar_t>();
+  const Vec exponent(static_cast<acc_t>(p));
+  const acc_t channels = static_cast<acc_t>(g.channels);
+
+  if (attention_positions_inner(feature)) {
+    for_position_tiles(g, kPositionTile, [&](int64_t n, int64_t j0, int64_t j1) {
+      InputBlock<scalar_t, kPositionTile> in;
+      OutputBlock<scalar_t, kPositionTile> result;
+      acc_t grad_mean[kPositionTile];
+      const int64_t len = j1 - j0;
+      for (int64_t i = 0; i < len; ++i) grad_mean[i] = gm[n * g.positions + j0 + i] / channels;
+      for (int64_t c = 0; c < g.channels; ++c) {
+        const int64_t offset = n * g.batch_stride + c * g.channel_stride + j0;
+        const acc_t* x = in.load(f + offset, len);
+        acc_t* y = result.data(out + offset);
+        for (int64_t i = 0; i < len; i += kWidth<acc_t>) {
+          const int64_t lanes = std::min(kWidth<acc_t>, len - i);
+          (Vec::loadu(grad_mean + i, lanes) * attention_power_grad<M, kExponent>(Vec::loadu(x + i, lanes), exponent))
+              .store(y + i, lanes);
+        }
+        result.store(out + offset, len);
+      }
+    });
+  } else {
+    for_position_tiles(g, kChannelsInnerTile, [&](int64_t n, int64_t j0, int64_t j1) {
+      InputBlock<scalar_t, kChannelChunk> in;
+      OutputBlock<scalar_t, kChannelChunk> result;
+      for (int64_t j = j0; j < j1; ++j) {
+        const Vec grad_mean(gm[n * g.positions + j] / channels);
+        for (int64_t c0 = 0; c0 < g.channels; c0 += kChannelChunk) {
+          const int64_t len = std::min(kChannelChunk, g.channels - c0);
+          const int64_t offset = n * g.batch_stride + j * g.position_stride + c0;
+          const acc_t* x = in.load(f + offset, len);
+          acc_t* y = result.data(out + offset);
+          for (int64_t i = 0; i < len; i += kWidth<acc_t>) {
+            const int64_t lanes = std::min(kWidth<acc_t>, len - i);
+            (grad_mean * attention_power_grad<M, kExponent>(Vec::loadu(x + i, lanes), exponent)).store(y + i, lanes);
+          }
+          result.store(out + offset, len);
+        }
+      }
+    });
+  }
+}
+
+void attention_map_kernel(const at::Tensor& feature, double p, const at::Tensor& map) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feature.scalar_type(), "attention_map_cpu", [&] {
+    with_attention_exponent(p, [&](auto kind) { attention_map_typed<scalar_t, kind>(feature, p, map); });
+  });
+}
+
+void attention_map_backward_kernel(const at::Tensor& feature, const at::Tensor& grad_map, double p,
+                                   const at::Tensor& grad) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feature.scalar_type(), "attention_map_backward_cpu",
+                                  [&] {
+                                    with_attention_exponent(p, [&](auto kind) {
+                                      attention_map_backward_typed<scalar_t, kind>(feature, grad_map, p, grad);
+                                    });
+                                  });
+}
+
+}  // namespace
+
+const FrskdCpuKernels kFrskdCpuKernels{&attention_map_kernel, &attention_map_backward_kernel, &kd_kernel};
+
+}  // namespace CPU_CAPABILITY
+}  // namespace ofdkern
