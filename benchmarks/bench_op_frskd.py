@@ -8,7 +8,7 @@ import ofdkern
 from ofdkern import reference
 
 import bench_cases as cases
-from bench_cases import Case, LossInputs
+from bench_cases import Case, LossInputs, Target
 
 KD_TEMPERATURE = 4.0
 
@@ -44,7 +44,13 @@ def attention_groups() -> dict[str, list[tuple[str, tuple[int, ...]]]]:
              for i, (c, hw) in enumerate(((64, 32), (128, 16), (256, 8), (512, 4)))]
     imagenet = [(f"ResNet-50 layer{i + 1} b64", (64, c, hw, hw))
                 for i, (c, hw) in enumerate(((256, 56), (512, 28), (1024, 14), (2048, 7)))]
-    return {"cifar": cifar, "imagenet": imagenet}
+    return {"cifar": cifar + [(_AT_WIDE_CIFAR, (128, 256, 16, 16))], "imagenet": imagenet}
+
+
+# A CIFAR stage twice as wide as ResNet-18's at 16x16 (the second case of the CPU target).
+_AT_WIDE_CIFAR = "CIFAR 256ch 16x16 b128"
+_AT_IMAGENET = tuple(f"ResNet-50 layer{i + 1} b64" for i in range(4))
+_AT_CPU_TARGET = ("ResNet-50 layer2 b64", _AT_WIDE_CIFAR)
 
 
 _AT_QUICK = {"cpu": [("cifar", 0, "fp32"), ("imagenet", 3, "fp32")],
@@ -77,6 +83,13 @@ ATTENTION_TRANSFER = cases.OpBench(
                                 for dtype in ("fp32", "bf16")],
     notes=("p = 2, reduction \"mean\" (the reference `at_loss`); the student and teacher features have the "
            "same shape.",),
+    targets=(
+        Target("speedup_vs_compile", ">=", 2.0, _AT_CPU_TARGET),
+        Target("ratio_vs_floor", "<=", 2.5, _AT_CPU_TARGET),
+        # 80 % of the 4-pass floor at ImageNet stage sizes.
+        Target("ratio_vs_floor", "<=", 1.25, _AT_IMAGENET, ("cuda",)),
+        Target("speedup_vs_compile", ">=", 1.0, _AT_IMAGENET, ("cuda",)),
+    ),
 )
 
 
@@ -92,6 +105,9 @@ def kd_groups() -> dict[str, list[tuple[str, tuple[int, ...]]]]:
             "vocabulary": [("32k vocab 64 rows", (64, 32000)), ("256k vocab 8 rows", (8, 256000)),
                            ("Llama-3 vocab 4096 rows", (4096, 128256))]}
 
+
+_KD_VOCABULARY = tuple(label for label, _ in kd_groups()["vocabulary"])
+_KD_ALL = tuple(label for entries in kd_groups().values() for label, _ in entries)
 
 _KD_QUICK = {"cpu": [("classification", 0, "fp32"), ("vocabulary", 0, "fp32")],
              "cuda": [("classification", 1, "fp32"), ("vocabulary", 2, "bf16")]}
@@ -132,4 +148,11 @@ KD_LOSS = cases.OpBench(
                                 for label, shape in (("cifar-100-b32", (32, 100)), ("32k-vocab-4-rows", (4, 32000)))
                                 for dtype in ("fp32", "bf16")],
     notes=(f"Temperature {KD_TEMPERATURE:g}, reduction \"batchmean\" (the reference `DistillKL`).",),
+    targets=(
+        Target("speedup_vs_compile", ">=", 1.5, _KD_VOCABULARY[:2]),
+        Target("speedup_vs_compile", ">=", 1.0, ("ImageNet b256",)),
+        # 80 % of the bandwidth floor (read both logit tensors, write the gradient) from 32k classes on.
+        Target("ratio_vs_floor", "<=", 1.25, _KD_VOCABULARY, ("cuda",)),
+        Target("speedup_vs_compile", ">=", 1.0, _KD_ALL, ("cuda",)),
+    ),
 )

@@ -13,7 +13,7 @@ import ofdkern
 from ofdkern import reference
 from ofdkern.ops import align
 
-from conftest import STATUS
+from conftest import STATUS, assert_same_bits_with_one_thread
 import op_cases
 from parity import assert_parity
 
@@ -139,6 +139,22 @@ def test_wide_channels_over_several_tiles(batch, spatial, channels_last):
         inputs = _wide_inputs(batch, spatial, dtype, channels_last)
         check(inputs, None, "mean", "cpu", rtol)
         check(inputs, margin.to(dtype), "sum", "cpu", rtol)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_wide_channels_on_cpu_gemm_paths(channels_last):
+    # At these widths the fp32 GEMMs are large enough for oneDNN, the fp64 ones stay with BLAS: each is one
+    # single-threaded call per block, so the bits do not depend on the thread count; NaN and inf go through.
+    for dtype in (torch.float32, torch.float64):
+        inputs = _wide_inputs(3, (40, 40), dtype, channels_last)
+
+        def run():
+            loss = ofdkern.channel_align_loss(*inputs, reduction="mean", backend="cpu")
+            return (loss, *torch.autograd.grad(loss, inputs))
+
+        assert_same_bits_with_one_thread(run)
+    planted = op_cases.ALIGN.plant_special(_wide_inputs(2, (16, 16), torch.float32, channels_last))
+    assert_parity(op_cases.ALIGN.fused("cpu"), op_cases.ALIGN.reference, planted, names=op_cases.ALIGN.names)
 
 
 @needs_triton
