@@ -48,9 +48,12 @@ struct VecMath {
 constexpr int64_t kClassBlock = 4096;
 // Positions per attention tile when positions are innermost: one accumulator row stays in L1.
 constexpr int64_t kPositionTile = 1024;
-// Positions per task when channels are innermost, and channels converted at a time there.
+// Tiles of at most this many vectors of positions keep their sums in registers over all the channels.
+constexpr int kMapRegisterVectors = 8;
+// Bytes per cache line.
+constexpr uintptr_t kCacheLine = 64;
+// Positions per task when channels are innermost.
 constexpr int64_t kChannelsInnerTile = 16;
-constexpr int64_t kChannelChunk = 1024;
 
 template <typename acc_t>
 constexpr int64_t kWidth = Vectorized<acc_t>::size();
@@ -88,6 +91,54 @@ acc_t lane_max(const Vectorized<acc_t>& v) {
   return result;
 }
 
+// n (1 <= n <= width) elements at src in the accumulation type, the lanes from n on 0. Half precision is
+// widened one accumulation vector (half a Half vector) at a time, so rows shorter than a Half vector (a 4x4
+// map's 16 positions) convert in vectors too.
+template <typename scalar_t>
+Vectorized<accumulation_t<scalar_t>> load_widened(const scalar_t* src, int64_t n) {
+  using acc_t = accumulation_t<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return Vec::loadu(src, n);
+  } else {
+    if (n == Vec::size()) {
+      Vec v;
+      at::vec::load_to_float(src, v);
+      return v;
+    }
+    return at::vec::convert<acc_t>(Vectorized<scalar_t>::loadu(src, n));
+  }
+}
+
+// Two vectors of the accumulation type, the unit of the narrowing stores.
+template <typename acc_t>
+struct VectorPair {
+  Vectorized<acc_t> low, high;
+};
+
+// n (1 <= n <= 2 width) elements at src in the accumulation type, the lanes from n on 0.
+template <typename scalar_t>
+VectorPair<accumulation_t<scalar_t>> load_pair(const scalar_t* src, int64_t n) {
+  using acc_t = accumulation_t<scalar_t>;
+  constexpr int64_t width = kWidth<acc_t>;
+  return {load_widened(src, std::min(n, width)),
+          n > width ? load_widened(src + width, n - width) : Vectorized<acc_t>(acc_t(0))};
+}
+
+// Stores the first n (1 <= n <= 2 width) lanes of v at dst, rounded to scalar_t. Half precision is narrowed
+// a Half vector (two accumulation vectors) at a time, which costs a quarter less than a vector at a time.
+template <typename scalar_t>
+void store_pair(scalar_t* dst, const VectorPair<accumulation_t<scalar_t>>& v, int64_t n) {
+  using acc_t = accumulation_t<scalar_t>;
+  constexpr int64_t width = kWidth<acc_t>;
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    v.low.store(dst, std::min(n, width));
+    if (n > width) v.high.store(dst + width, n - width);
+  } else {
+    at::vec::convert_from_float<scalar_t>(v.low, v.high).store(dst, n);
+  }
+}
+
 // Up to kCapacity elements of an input in the accumulation type: the data itself, or (half precision) a
 // copy converted vector by vector.
 template <typename scalar_t, int64_t kCapacity>
@@ -98,14 +149,10 @@ class InputBlock {
  public:
   const acc_t* load(const scalar_t* src, int64_t n) {
     if constexpr (kConverts) {
-      using Half = Vectorized<scalar_t>;
-      int64_t i = 0;
-      for (; i + Half::size() <= n; i += Half::size()) {
-        auto [low, high] = at::vec::convert_to_float<scalar_t>(Half::loadu(src + i));
-        low.store(buffer_ + i);
-        high.store(buffer_ + i + kWidth<acc_t>);
+      for (int64_t i = 0; i < n; i += kWidth<acc_t>) {
+        const int64_t lanes = std::min(kWidth<acc_t>, n - i);
+        load_widened(src + i, lanes).store(buffer_ + i, lanes);
       }
-      for (; i < n; ++i) buffer_[i] = static_cast<acc_t>(src[i]);
       return buffer_;
     } else {
       return src;
@@ -131,14 +178,10 @@ class OutputBlock {
 
   void store(scalar_t* dst, int64_t n) const {
     if constexpr (kConverts) {
-      using Half = Vectorized<scalar_t>;
-      int64_t i = 0;
-      for (; i + Half::size() <= n; i += Half::size()) {
-        const auto low = Vectorized<acc_t>::loadu(buffer_ + i);
-        const auto high = Vectorized<acc_t>::loadu(buffer_ + i + kWidth<acc_t>);
-        at::vec::convert_from_float<scalar_t>(low, high).store(dst + i);
+      for (int64_t i = 0; i < n; i += 2 * kWidth<acc_t>) {
+        const int64_t lanes = std::min(2 * kWidth<acc_t>, n - i);
+        store_pair(dst + i, load_pair(buffer_ + i, lanes), lanes);
       }
-      for (; i < n; ++i) dst[i] = static_cast<scalar_t>(buffer_[i]);
     }
   }
 
@@ -417,6 +460,40 @@ void for_position_tiles(const FeatureGeometry& g, int64_t tile, Visit&& visit) {
   });
 }
 
+// sums[0, n) = sum_c f^p over `channels` rows channel_stride apart from f, channel after channel, for n
+// positions in K vectors (the last one last_lanes wide), with the sums in registers.
+template <int K, int kExponent, typename scalar_t>
+void channel_power_sums(const scalar_t* f, int64_t channel_stride, int64_t channels, int64_t last_lanes,
+                        const Vectorized<accumulation_t<scalar_t>>& exponent, accumulation_t<scalar_t>* sums) {
+  using acc_t = accumulation_t<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t width = Vec::size();
+  const auto lanes = [&](int k) { return k == K - 1 ? last_lanes : width; };
+  Vec acc[K];
+  for (int k = 0; k < K; ++k) acc[k] = Vec(acc_t(0));
+  for (int64_t c = 0; c < channels; ++c) {
+    const scalar_t* row = f + c * channel_stride;
+    for (int k = 0; k < K; ++k) {
+      acc[k] += attention_power<VecMath<acc_t>, kExponent>(load_widened(row + k * width, lanes(k)), exponent);
+    }
+  }
+  for (int k = 0; k < K; ++k) acc[k].store(sums + k * width, lanes(k));
+}
+
+// channel_power_sums<vectors> for 1 <= vectors <= kMapRegisterVectors.
+template <int K = 1, int kExponent, typename scalar_t>
+void channel_power_sums_of(int64_t vectors, const scalar_t* f, int64_t channel_stride, int64_t channels,
+                           int64_t last_lanes, const Vectorized<accumulation_t<scalar_t>>& exponent,
+                           accumulation_t<scalar_t>* sums) {
+  if constexpr (K < kMapRegisterVectors) {
+    if (vectors > K) {
+      channel_power_sums_of<K + 1, kExponent>(vectors, f, channel_stride, channels, last_lanes, exponent, sums);
+      return;
+    }
+  }
+  channel_power_sums<K, kExponent>(f, channel_stride, channels, last_lanes, exponent, sums);
+}
+
 // a = mean_c(f^p): for positions innermost (NCHW), a tile of positions accumulates channel after channel in
 // vectors across positions; for channels innermost (channels_last), each position sums its channels in vector
 // lanes, added in lane order.
@@ -425,6 +502,7 @@ void attention_map_typed(const at::Tensor& feature, double p, const at::Tensor& 
   using acc_t = accumulation_t<scalar_t>;
   using Vec = Vectorized<acc_t>;
   using M = VecMath<acc_t>;
+  constexpr int64_t width = Vec::size();
   const FeatureGeometry g = geometry(feature);
   const scalar_t* f = feature.const_data_ptr<scalar_t>();
   acc_t* out = map.mutable_data_ptr<acc_t>();
@@ -433,33 +511,36 @@ void attention_map_typed(const at::Tensor& feature, double p, const at::Tensor& 
 
   if (attention_positions_inner(feature)) {
     for_position_tiles(g, kPositionTile, [&](int64_t n, int64_t j0, int64_t j1) {
-      InputBlock<scalar_t, kPositionTile> in;
       acc_t sums[kPositionTile];
       const int64_t len = j1 - j0;
-      std::fill(sums, sums + len, acc_t(0));
-      for (int64_t c = 0; c < g.channels; ++c) {
-        const acc_t* x = in.load(f + n * g.batch_stride + c * g.channel_stride + j0, len);
-        for (int64_t i = 0; i < len; i += kWidth<acc_t>) {
-          const int64_t lanes = std::min(kWidth<acc_t>, len - i);
-          (Vec::loadu(sums + i, lanes) + attention_power<M, kExponent>(Vec::loadu(x + i, lanes), exponent))
-              .store(sums + i, lanes);
+      const scalar_t* tile = f + n * g.batch_stride + j0;
+      const int64_t vectors = (len + width - 1) / width;
+      if (vectors <= kMapRegisterVectors) {
+        // Few positions: in memory, each channel's update of their sums would wait on the last one's store.
+        channel_power_sums_of<1, kExponent>(vectors, tile, g.channel_stride, g.channels,
+                                            len - (vectors - 1) * width, exponent, sums);
+      } else {
+        // Many: the rows stream in order; the sums' store-to-load latency hides behind a row of vectors.
+        std::fill(sums, sums + len, acc_t(0));
+        for (int64_t c = 0; c < g.channels; ++c) {
+          const scalar_t* x = tile + c * g.channel_stride;
+          for (int64_t i = 0; i < len; i += width) {
+            const int64_t lanes = std::min(width, len - i);
+            (Vec::loadu(sums + i, lanes) + attention_power<M, kExponent>(load_widened(x + i, lanes), exponent))
+                .store(sums + i, lanes);
+          }
         }
       }
       for (int64_t i = 0; i < len; ++i) out[n * g.positions + j0 + i] = sums[i] / channels;
     });
   } else {
     for_position_tiles(g, kChannelsInnerTile, [&](int64_t n, int64_t j0, int64_t j1) {
-      InputBlock<scalar_t, kChannelChunk> in;
       for (int64_t j = j0; j < j1; ++j) {
         const scalar_t* position = f + n * g.batch_stride + j * g.position_stride;
         Vec sum(acc_t(0));
-        for (int64_t c0 = 0; c0 < g.channels; c0 += kChannelChunk) {
-          const int64_t len = std::min(kChannelChunk, g.channels - c0);
-          const acc_t* x = in.load(position + c0, len);
-          for (int64_t i = 0; i < len; i += kWidth<acc_t>) {
-            const int64_t lanes = std::min(kWidth<acc_t>, len - i);
-            sum += first_lanes(attention_power<M, kExponent>(Vec::loadu(x + i, lanes), exponent), lanes);
-          }
+        for (int64_t c = 0; c < g.channels; c += width) {
+          const int64_t lanes = std::min(width, g.channels - c);
+          sum += first_lanes(attention_power<M, kExponent>(load_widened(position + c, lanes), exponent), lanes);
         }
         out[n * g.positions + j] = lane_sum(sum) / channels;
       }
@@ -475,49 +556,61 @@ void attention_map_backward_typed(const at::Tensor& feature, const at::Tensor& g
   using acc_t = accumulation_t<scalar_t>;
   using Vec = Vectorized<acc_t>;
   using M = VecMath<acc_t>;
+  constexpr int64_t step = 2 * kWidth<acc_t>;
   const FeatureGeometry g = geometry(feature);
   const scalar_t* f = feature.const_data_ptr<scalar_t>();
   const acc_t* gm = grad_map.const_data_ptr<acc_t>();
   scalar_t* out = grad.mutable_data_ptr<scalar_t>();
   const Vec exponent(static_cast<acc_t>(p));
   const acc_t channels = static_cast<acc_t>(g.channels);
+  // n (<= step) elements of f's gradient from those at x and their factors grad_map / C.
+  const auto pair_grad = [&](const scalar_t* x, const VectorPair<acc_t>& grad_mean, int64_t n, scalar_t* y) {
+    const VectorPair<acc_t> v = load_pair(x, n);
+    store_pair(y,
+               {grad_mean.low * attention_power_grad<M, kExponent>(v.low, exponent),
+                grad_mean.high * attention_power_grad<M, kExponent>(v.high, exponent)},
+               n);
+  };
 
   if (attention_positions_inner(feature)) {
     for_position_tiles(g, kPositionTile, [&](int64_t n, int64_t j0, int64_t j1) {
-      InputBlock<scalar_t, kPositionTile> in;
-      OutputBlock<scalar_t, kPositionTile> result;
-      acc_t grad_mean[kPositionTile];
       const int64_t len = j1 - j0;
-      for (int64_t i = 0; i < len; ++i) grad_mean[i] = gm[n * g.positions + j0 + i] / channels;
-      for (int64_t c = 0; c < g.channels; ++c) {
+      // The factors of the tile's positions, repeated past its end: element e of a row (or of the run below)
+      // takes its step factors from e % len on.
+      acc_t grad_mean[kPositionTile + step];
+      for (int64_t i = 0; i < len + step; ++i) grad_mean[i] = gm[n * g.positions + j0 + i % len] / channels;
+      // A sample whose channel rows follow each other is one run of C * len elements, walked in full steps
+      // however short its rows (a dense gradient: rows never overlap, so this means the whole sample).
+      const bool one_run = g.channel_stride == len;
+      const int64_t run = one_run ? g.channels * len : len;
+      const int64_t step_phase = step % len;
+      for (int64_t c = 0; c < (one_run ? 1 : g.channels); ++c) {
         const int64_t offset = n * g.batch_stride + c * g.channel_stride + j0;
-        const acc_t* x = in.load(f + offset, len);
-        acc_t* y = result.data(out + offset);
-        for (int64_t i = 0; i < len; i += kWidth<acc_t>) {
-          const int64_t lanes = std::min(kWidth<acc_t>, len - i);
-          (Vec::loadu(grad_mean + i, lanes) * attention_power_grad<M, kExponent>(Vec::loadu(x + i, lanes), exponent))
-              .store(y + i, lanes);
+        // A first step up to the gradient's next cache line: the steps after it store whole lines (a store
+        // split over two lines costs twice).
+        const auto misalignment = reinterpret_cast<uintptr_t>(out + offset) % kCacheLine;
+        int64_t e = std::min<int64_t>(run, (kCacheLine - misalignment) % kCacheLine / sizeof(scalar_t));
+        if (e > 0) pair_grad(f + offset, load_pair(grad_mean, e), e, out + offset);
+        // Whole steps (their width known to the compiler), then the rest.
+        int64_t phase = e % len;
+        for (; e + step <= run; e += step) {
+          pair_grad(f + offset + e, load_pair(grad_mean + phase, step), step, out + offset + e);
+          phase += step_phase;
+          if (phase >= len) phase -= len;
         }
-        result.store(out + offset, len);
+        if (e < run) pair_grad(f + offset + e, load_pair(grad_mean + phase, run - e), run - e, out + offset + e);
       }
     });
   } else {
     for_position_tiles(g, kChannelsInnerTile, [&](int64_t n, int64_t j0, int64_t j1) {
-      InputBlock<scalar_t, kChannelChunk> in;
-      OutputBlock<scalar_t, kChannelChunk> result;
       for (int64_t j = j0; j < j1; ++j) {
         const Vec grad_mean(gm[n * g.positions + j] / channels);
-        for (int64_t c0 = 0; c0 < g.channels; c0 += kChannelChunk) {
-          const int64_t len = std::min(kChannelChunk, g.channels - c0);
-          const int64_t offset = n * g.batch_stride + j * g.position_stride + c0;
-          const acc_t* x = in.load(f + offset, len);
-          acc_t* y = result.data(out + offset);
-          for (int64_t i = 0; i < len; i += kWidth<acc_t>) {
-            const int64_t lanes = std::min(kWidth<acc_t>, len - i);
-            (grad_mean * attention_power_grad<M, kExponent>(Vec::loadu(x + i, lanes), exponent)).store(y + i, lanes);
-          }
-          result.store(out + offset, len);
+        const int64_t offset = n * g.batch_stride + j * g.position_stride;
+        int64_t c = 0;
+        for (; c + step <= g.channels; c += step) {
+          pair_grad(f + offset + c, {grad_mean, grad_mean}, step, out + offset + c);
         }
+        if (c < g.channels) pair_grad(f + offset + c, {grad_mean, grad_mean}, g.channels - c, out + offset + c);
       }
     });
   }

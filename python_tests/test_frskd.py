@@ -616,8 +616,10 @@ def test_cpu_kd_bits_do_not_depend_on_thread_count(dtype, shape):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-def test_cpu_attention_bits_do_not_depend_on_thread_count(dtype, channels_last):
-    s, t = features((4, 16, 40, 40), (4, 24, 40, 40), dtype, channels_last=channels_last)
+@pytest.mark.parametrize("side", [40, 7], ids=["tiled", "few-positions"])
+def test_cpu_attention_bits_do_not_depend_on_thread_count(dtype, channels_last, side):
+    # 40x40: a sample's positions split into tiles; 7x7: a map's sums in registers, a sample's gradient one run.
+    s, t = features((4, 16, side, side), (4, 24, side, side), dtype, channels_last=channels_last)
 
     def once():
         loss = ofdkern.attention_transfer_loss(s, t, backend="cpu")
