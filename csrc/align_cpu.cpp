@@ -1,5 +1,7 @@
-// CPU kernel of the fused channel-wise alignment op: the tile pipeline of align_fused.h with oneDNN (or BLAS)
-// GEMMs through ATen in the accumulation dtype (half-precision features are converted on the way in and out).
+// CPU kernel of the fused channel-wise alignment op: the tile pipeline of align_fused.h with GEMMs through ATen.
+// The GEMMs run in the accumulation dtype, except bfloat16 ones on CPUs with native bfloat16 dot products: those
+// run in bfloat16 (oneDNN, fp32 sums inside each GEMM, outputs rounded to bfloat16 as eager's convolutions do),
+// with every elementwise pass in fp32 and the weight gradients summed over the tiles in fp32.
 //
 // A tile's pixels are cut into column blocks of about kBlockBytes of buffers (whole samples, or a slice of one
 // sample).
@@ -16,6 +18,10 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #include <algorithm>
 #include <array>
@@ -38,20 +44,75 @@ namespace {
 // Independent accumulators per loop: breaks the add dependency chain so the loops vectorize.
 constexpr int kLanes = 16;
 // A column block's share of the tile buffers: its X, H, Y and dH stay in the L2 cache between their GEMM and
-// their pass. At least kMinBlockColumns pixels, so that its GEMMs stay efficient at wide channels.
+// their pass. At least kMinBlockColumns pixels, so that its GEMMs stay efficient at wide channels: narrower ones
+// take MKL's unpacked kernels (fp32 forward + backward at 16x1024x7x7 -> 2048: 175 ms with 64 columns and
+// 64 weight-gradient rows, 136 ms with 512 and 256, on a 2-core Intel Xeon).
 constexpr int64_t kBlockBytes = int64_t{1} << 20;
-constexpr int64_t kMinBlockColumns = 64;
+constexpr int64_t kMinBlockColumns = 512;
 // Rows of a weight gradient per GEMM block.
-constexpr int64_t kGemmRows = 64;
+constexpr int64_t kGemmRows = 256;
 
-// Float GEMMs of at least this many multiply-adds go to oneDNN: on one core it runs them at about twice the
-// speed of ATen's BLAS (200 against 95 GFLOP/s measured on an AMD EPYC), but smaller ones lose to its set-up.
+// Float GEMMs of at least this many multiply-adds go to oneDNN on CPUs other than Intel's: on one AMD EPYC core
+// it runs them at about twice the speed of ATen's BLAS (200 against 95 GFLOP/s), but smaller ones lose to its
+// set-up. On an Intel Xeon core MKL is the faster one (155-168 against 127-153 GFLOP/s), so it keeps them.
 constexpr int64_t kOneDnnMinMacs = int64_t{1} << 21;
 
-// out = a b, or out += a b when accumulate; single-threaded when called in a parallel region, like ATen's BLAS.
+bool cpu_is_intel() {
+#if defined(__x86_64__) || defined(__i386__)
+  return __builtin_cpu_is("intel");
+#else
+  return false;
+#endif
+}
+
+// bfloat16 GEMMs at several times the float32 rate need dot-product instructions for it (AVX512-BF16, which
+// AMX CPUs have too); elsewhere oneDNN emulates them, and the float32 ones are faster.
+bool cpu_has_bfloat16_dots() {
+#if AT_MKLDNN_ENABLED() && (defined(__x86_64__) || defined(__i386__))
+  return __builtin_cpu_supports("avx512bf16") && at::globalContext().userEnabledMkldnn();
+#else
+  return false;
+#endif
+}
+
+// MKL, when torch's BLAS is MKL (weak: absent otherwise).
+extern "C" int MKL_Set_Num_Threads_Local(int threads) __attribute__((weak));
+
+// Inside a parallel region MKL and oneDNN run on one thread, but they pick their blocking (and oneDNN its split
+// of a long sum) from the thread count they may use, torch.get_num_threads(). Pinned to one thread for the call,
+// each GEMM is the same computation whatever that count is.
+class OneThreadGemm {
+ public:
+  OneThreadGemm()
+      : mkl_threads_(MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0), omp_threads_(omp_threads()) {
+#ifdef _OPENMP
+    omp_set_num_threads(1);
+#endif
+  }
+  ~OneThreadGemm() {
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(mkl_threads_);
+#ifdef _OPENMP
+    omp_set_num_threads(omp_threads_);
+#endif
+  }
+
+ private:
+  static int omp_threads() {
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+  }
+  int mkl_threads_, omp_threads_;
+};
+
+// out = a b, or out += a b when accumulate; on one thread. bfloat16 operands go through at::mm / addmm_ to oneDNN.
 void gemm(at::Tensor out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
+  const OneThreadGemm one_thread;
 #if AT_MKLDNN_ENABLED()
-  if (out.scalar_type() == at::kFloat && at::globalContext().userEnabledMkldnn() &&
+  static const bool onednn_for_float = !cpu_is_intel();
+  if (onednn_for_float && out.scalar_type() == at::kFloat && at::globalContext().userEnabledMkldnn() &&
       a.size(0) * a.size(1) * b.size(1) >= kOneDnnMinMacs) {
     at::native::mkldnn_matmul(a, b, out, accumulate ? 1.f : 0.f, 1.f);
     return;
@@ -102,14 +163,14 @@ std::vector<TileColumns> column_blocks(const AlignProblem& p, const AlignTile& t
 // n elements of the projection y (W2 H, bias not yet added) against the teacher t: adds the bias, turns y into
 // d loss / d y, writes the teacher's gradient when asked, returns the loss. kStep 0: one channel for the whole
 // run (bias and margin are scalars); kStep 1: one channel per element (they are vectors).
-template <bool kOFD, bool kGradTeacher, int kStep, typename acc_t, typename teacher_t>
-inline acc_t loss_run(acc_t* y, const teacher_t* t, teacher_t* d_t, int64_t n, const acc_t* bias,
+template <bool kOFD, bool kGradTeacher, int kStep, typename acc_t, typename gemm_t, typename teacher_t>
+inline acc_t loss_run(gemm_t* y, const teacher_t* t, teacher_t* d_t, int64_t n, const acc_t* bias,
                       const acc_t* margin) {
   return lane_sum<acc_t>(n, [&](int64_t k) {
     const acc_t tv = static_cast<acc_t>(t[k]);
     const acc_t m = kOFD ? margin[k * kStep] : acc_t(0);
-    const auto point = align_point<kOFD>(y[k] + bias[k * kStep], tv, m);
-    y[k] = point.d_student;
+    const auto point = align_point<kOFD>(static_cast<acc_t>(y[k]) + bias[k * kStep], tv, m);
+    y[k] = static_cast<gemm_t>(point.d_student);
     if constexpr (kGradTeacher) d_t[k] = static_cast<teacher_t>(align_teacher_grad<kOFD>(point.d_student, tv, m));
     return point.loss;
   });
@@ -117,12 +178,12 @@ inline acc_t loss_run(acc_t* y, const teacher_t* t, teacher_t* d_t, int64_t n, c
 
 // The loss pass of one column block (y: its columns of the tile's Y buffer); adds its dY row sums to
 // bias_grad when given. Returns the block's loss.
-template <bool kOFD, bool kGradTeacher, typename acc_t, typename teacher_t>
+template <bool kOFD, bool kGradTeacher, typename acc_t, typename gemm_t, typename teacher_t>
 acc_t loss_block(const AlignProblem& p, const TileBuffer& y, const TileColumns& block, acc_t* bias_grad) {
   const at::Tensor t_tile = feature_tile(p.teacher, block.pixels);
   const teacher_t* t = t_tile.const_data_ptr<teacher_t>();
   teacher_t* d_t = kGradTeacher ? feature_tile(p.grad_teacher, block.pixels).mutable_data_ptr<teacher_t>() : nullptr;
-  acc_t* dy = y.matrix.mutable_data_ptr<acc_t>();
+  gemm_t* dy = y.matrix.mutable_data_ptr<gemm_t>();
   const acc_t* bias = p.b2.const_data_ptr<acc_t>();
   const acc_t* margin = kOFD ? p.margin.const_data_ptr<acc_t>() : nullptr;
   const int64_t channels = t_tile.size(1), samples = t_tile.size(0), positions = t_tile.size(2);
@@ -132,92 +193,109 @@ acc_t loss_block(const AlignProblem& p, const TileBuffer& y, const TileColumns& 
     const int64_t row_stride = y.matrix.stride(0);
     for (int64_t c = 0; c < channels; ++c) {
       for (int64_t i = 0; i < samples; ++i) {
-        acc_t* row = dy + c * row_stride + i * positions;
+        gemm_t* row = dy + c * row_stride + i * positions;
         const int64_t offset = i * t_tile.stride(0) + c * t_tile.stride(1);
         loss += loss_run<kOFD, kGradTeacher, 0>(row, t + offset, kGradTeacher ? d_t + offset : nullptr, positions,
                                                 bias + c, kOFD ? margin + c : nullptr);
-        if (bias_grad) bias_grad[c] += lane_sum<acc_t>(positions, [&](int64_t j) { return row[j]; });
+        if (bias_grad) bias_grad[c] += lane_sum<acc_t>(positions, [&](int64_t j) { return acc_t(row[j]); });
       }
     }
     return loss;
   }
   // Channels innermost: the block is one contiguous run of pixels in the buffer and in the teacher.
   for (int64_t q = 0; q < samples * positions; ++q) {
-    acc_t* pixel = dy + q * channels;
+    gemm_t* pixel = dy + q * channels;
     loss += loss_run<kOFD, kGradTeacher, 1>(pixel, t + q * channels, kGradTeacher ? d_t + q * channels : nullptr,
                                             channels, bias, margin);
     if (bias_grad)
-      for (int64_t c = 0; c < channels; ++c) bias_grad[c] += pixel[c];
+      for (int64_t c = 0; c < channels; ++c) bias_grad[c] += static_cast<acc_t>(pixel[c]);
   }
   return loss;
 }
 
-// Calls body(acc_t{}) with the buffers' dtype, the accumulation dtype: float or double.
+// Calls body(acc_t{}, gemm_t{}) with the accumulation type and the buffers' (GEMM dtype's) type.
 template <typename Body>
-void with_accumulation_type(at::ScalarType dtype, Body body) {
-  if (dtype == at::kDouble) body(double{});
-  else body(float{});
+void with_buffer_types(at::ScalarType gemm_dtype, Body body) {
+  if (gemm_dtype == at::kDouble) body(double{}, double{});
+  else if (gemm_dtype == at::kBFloat16) body(float{}, at::BFloat16{});
+  else body(float{}, float{});
 }
 
 // The forward and the backward down to dH of one column block; its loss and bias-gradient partials.
-template <typename acc_t>
+template <typename acc_t, typename gemm_t>
 void forward_backward_block(const AlignProblem& p, const AlignTile& tile, const TileColumns& block, acc_t& loss,
                             acc_t* d_b2, acc_t* d_b1) {
   TileBuffer x = columns_of(p.x(tile), block), h = columns_of(p.h(tile), block), y = columns_of(p.y(tile), block);
   x.grid.copy_(as_grid(feature_tile(p.student, block.pixels)));
-  gemm(h.matrix, p.w1, x.matrix, false);
+  // The bias goes in first and the GEMM adds W1 X to it in its own sums: each pre-activation is rounded once
+  // (like eager's convolution with bias), so relu's mask is the exact one's even when H is stored in bf16.
+  h.matrix.copy_(p.b1.unsqueeze(1).expand_as(h.matrix));
+  gemm(h.matrix, p.w1, x.matrix, true);
   const int64_t hidden = h.matrix.size(0), width = h.matrix.size(1), h_stride = h.matrix.stride(0);
-  acc_t* h_data = h.matrix.mutable_data_ptr<acc_t>();
-  const acc_t* b1 = p.b1.const_data_ptr<acc_t>();
+  gemm_t* h_data = h.matrix.mutable_data_ptr<gemm_t>();
   for (int64_t c = 0; c < hidden; ++c) {
-    acc_t* row = h_data + c * h_stride;
-    for (int64_t j = 0; j < width; ++j) row[j] = relu(row[j] + b1[c]);
+    gemm_t* row = h_data + c * h_stride;
+    for (int64_t j = 0; j < width; ++j) row[j] = static_cast<gemm_t>(relu(static_cast<acc_t>(row[j])));
   }
   gemm(y.matrix, p.w2, h.matrix, false);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.teacher.merged.scalar_type(), "align_loss_cpu", [&] {
     const bool ofd = p.margin.defined(), grad_teacher = p.grad_teacher.merged.defined();
-    if (ofd) loss = grad_teacher ? loss_block<true, true, acc_t, scalar_t>(p, y, block, d_b2)
-                                 : loss_block<true, false, acc_t, scalar_t>(p, y, block, d_b2);
-    else loss = grad_teacher ? loss_block<false, true, acc_t, scalar_t>(p, y, block, d_b2)
-                             : loss_block<false, false, acc_t, scalar_t>(p, y, block, d_b2);
+    if (ofd) loss = grad_teacher ? loss_block<true, true, acc_t, gemm_t, scalar_t>(p, y, block, d_b2)
+                                 : loss_block<true, false, acc_t, gemm_t, scalar_t>(p, y, block, d_b2);
+    else loss = grad_teacher ? loss_block<false, true, acc_t, gemm_t, scalar_t>(p, y, block, d_b2)
+                             : loss_block<false, false, acc_t, gemm_t, scalar_t>(p, y, block, d_b2);
   });
   if (!p.backward()) return;
   TileBuffer dh = columns_of(p.dh(tile), block);
   gemm(dh.matrix, p.w2.t(), y.matrix, false);
-  acc_t* dh_data = dh.matrix.mutable_data_ptr<acc_t>();
+  gemm_t* dh_data = dh.matrix.mutable_data_ptr<gemm_t>();
   for (int64_t c = 0; c < hidden; ++c) {
-    acc_t* grad = dh_data + c * h_stride;
-    const acc_t* activation = h_data + c * h_stride;
-    for (int64_t j = 0; j < width; ++j) grad[j] = relu_backward(grad[j], activation[j]);
-    if (d_b1) d_b1[c] += lane_sum<acc_t>(width, [&](int64_t j) { return grad[j]; });
+    gemm_t* grad = dh_data + c * h_stride;
+    const gemm_t* activation = h_data + c * h_stride;
+    for (int64_t j = 0; j < width; ++j)
+      grad[j] = static_cast<gemm_t>(relu_backward(static_cast<acc_t>(grad[j]), static_cast<acc_t>(activation[j])));
+    if (d_b1) d_b1[c] += lane_sum<acc_t>(width, [&](int64_t j) { return static_cast<acc_t>(grad[j]); });
   }
 }
 
-// sum += a b, in blocks of sum's rows (each one GEMM over every pixel of the tile).
+// sum += a b, in blocks of sum's rows (each one GEMM over every pixel of the tile). A bfloat16 GEMM gives the
+// tile's product rounded once to bfloat16 (like eager's whole-batch weight gradient); the sum stays fp32.
 struct RowBlocks {
   at::Tensor sum, a, b;
   int64_t count() const { return (sum.size(0) + kGemmRows - 1) / kGemmRows; }
   void run(int64_t block) const {
     const int64_t first = block * kGemmRows, rows = std::min(kGemmRows, sum.size(0) - first);
-    gemm(sum.narrow(0, first, rows), a.narrow(0, first, rows), b, true);
+    at::Tensor rows_of_sum = sum.narrow(0, first, rows);
+    if (a.scalar_type() == sum.scalar_type()) {
+      gemm(rows_of_sum, a.narrow(0, first, rows), b, true);
+      return;
+    }
+    at::Tensor product = at::empty({rows, sum.size(1)}, a.options());
+    gemm(product, a.narrow(0, first, rows), b, false);
+    rows_of_sum.add_(product);
   }
 };
 
 struct CpuDevice {
-  static at::ScalarType gemm_dtype(at::ScalarType compute_dtype) { return accumulation_dtype(compute_dtype); }
+  static at::ScalarType gemm_dtype(at::ScalarType compute_dtype) {
+    static const bool bfloat16_dots = cpu_has_bfloat16_dots();
+    return compute_dtype == at::kBFloat16 && bfloat16_dots ? at::kBFloat16 : accumulation_dtype(compute_dtype);
+  }
   // 32 MiB of tile buffers: a few large tiles, so a handful of parallel regions per call.
   static int64_t tile_bytes(int64_t) { return int64_t{32} << 20; }
 
   static void run_tile(const AlignProblem& p, const AlignTile& tile) {
     const std::vector<TileColumns> blocks = column_blocks(p, tile);
     const int64_t count = static_cast<int64_t>(blocks.size());
-    with_accumulation_type(p.w1.scalar_type(), [&](auto zero) {
-      using acc_t = decltype(zero);
+    with_buffer_types(p.w1.scalar_type(), [&](auto acc_zero, auto gemm_zero) {
+      using acc_t = decltype(acc_zero);
+      using gemm_t = decltype(gemm_zero);
       const bool weights = p.grad_weights();
       std::vector<acc_t> losses(count), d_b2(weights ? count * p.t_channels : 0), d_b1(weights ? count * p.hidden : 0);
       in_parallel_region(count, [&](int64_t b) {
-        forward_backward_block<acc_t>(p, tile, blocks[b], losses[b], weights ? &d_b2[b * p.t_channels] : nullptr,
-                                      weights ? &d_b1[b * p.hidden] : nullptr);
+        forward_backward_block<acc_t, gemm_t>(p, tile, blocks[b], losses[b],
+                                              weights ? &d_b2[b * p.t_channels] : nullptr,
+                                              weights ? &d_b1[b * p.hidden] : nullptr);
       });
       acc_t tile_loss = 0;
       for (acc_t loss : losses) tile_loss += loss;

@@ -143,9 +143,10 @@ def test_wide_channels_over_several_tiles(batch, spatial, channels_last):
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 def test_wide_channels_on_cpu_gemm_paths(channels_last):
-    # At these widths the fp32 GEMMs are large enough for oneDNN, the fp64 ones stay with BLAS: each is one
-    # single-threaded call per block, so the bits do not depend on the thread count; NaN and inf go through.
-    for dtype in (torch.float32, torch.float64):
+    # At these widths the fp32 GEMMs are large enough for oneDNN (MKL on Intel CPUs), the fp64 ones stay with
+    # BLAS, bf16 ones run in bf16 on CPUs with bf16 dot products: each is one single-threaded call per block, so
+    # the bits do not depend on the thread count; NaN and inf go through.
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
         inputs = _wide_inputs(3, (40, 40), dtype, channels_last)
 
         def run():
@@ -155,6 +156,14 @@ def test_wide_channels_on_cpu_gemm_paths(channels_last):
         assert_same_bits_with_one_thread(run)
     planted = op_cases.ALIGN.plant_special(_wide_inputs(2, (16, 16), torch.float32, channels_last))
     assert_parity(op_cases.ALIGN.fused("cpu"), op_cases.ALIGN.reference, planted, names=op_cases.ALIGN.names)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_bfloat16_at_real_widths_over_several_tiles(channels_last):
+    # 12 samples of 48x48: two tiles even of bf16 buffers, so the weight gradients sum per-tile products (rounded
+    # to bf16 where the GEMMs run in bf16) in fp32; every result at least as accurate as eager's bf16 path.
+    inputs = _wide_inputs(12, (48, 48), torch.bfloat16, channels_last)
+    assert_parity(op_cases.ALIGN.fused("cpu"), op_cases.ALIGN.reference, inputs, names=op_cases.ALIGN.names)
 
 
 @needs_triton
