@@ -3,7 +3,7 @@
 // run in bfloat16 (oneDNN, fp32 sums inside each GEMM, outputs rounded to bfloat16 as eager's convolutions do),
 // with every elementwise pass in fp32 and the weight gradients summed over the tiles in fp32.
 //
-// A tile's pixels are cut into column blocks of about kBlockBytes of buffers (whole samples, or a slice of one
+// A tile's pixels are cut into column blocks of about kBlockBytes of buffers (whole samples, or slices of one
 // sample).
 // The forward and the backward down to dH run block by block, each block's GEMMs followed at once by their
 // elementwise pass while the block is in cache; then the weight gradients (GEMMs over all of the tile's pixels,
@@ -45,10 +45,11 @@ namespace {
 constexpr int kLanes = 16;
 // A column block's share of the tile buffers: its X, H, Y and dH stay in the L2 cache between their GEMM and
 // their pass. At least kMinBlockColumns pixels, so that its GEMMs stay efficient at wide channels: narrower ones
-// take MKL's unpacked kernels (fp32 forward + backward at 16x1024x7x7 -> 2048: 175 ms with 64 columns and
-// 64 weight-gradient rows, 136 ms with 512 and 256, on a 2-core Intel Xeon).
+// take MKL's unpacked kernels, and oneDNN's set-up per call adds up (forward + backward on a 2-core Intel Xeon,
+// 64 columns and 64 weight-gradient rows -> 2048 and 256, with blocks in even numbers: 16x1024x7x7 -> 2048
+// fp32 175 -> 121 ms, bf16 65 -> 46 ms; 32x64x56x56 -> 256 fp32 293 -> 243 ms, bf16 108 -> 91 ms).
 constexpr int64_t kBlockBytes = int64_t{1} << 20;
-constexpr int64_t kMinBlockColumns = 512;
+constexpr int64_t kMinBlockColumns = 2048;
 // Rows of a weight gradient per GEMM block.
 constexpr int64_t kGemmRows = 256;
 
@@ -144,18 +145,31 @@ void in_parallel_region(int64_t blocks, Block block) {
   });
 }
 
+// Where [0, count) is cut into parts of at most about `most`: part b is [cuts[b], cuts[b + 1]), all of nearly
+// one size. An odd number of parts is made even (where there is enough to cut), so that two threads get equal
+// shares; like every block size here, a function of the shapes only.
+std::vector<int64_t> even_cuts(int64_t count, int64_t most) {
+  int64_t parts = (count + most - 1) / most;
+  if (parts % 2 == 1 && parts < count) ++parts;
+  std::vector<int64_t> cuts(parts + 1);
+  for (int64_t b = 0; b <= parts; ++b) cuts[b] = b * count / parts;
+  return cuts;
+}
+
 std::vector<TileColumns> column_blocks(const AlignProblem& p, const AlignTile& tile) {
   const int64_t bytes_per_pixel = (p.s_channels + 2 * p.hidden + p.t_channels) * p.w1.element_size();
   const int64_t columns = std::max(kMinBlockColumns, kBlockBytes / bytes_per_pixel);
   std::vector<TileColumns> blocks;
-  if (tile.samples == 1) {
-    for (int64_t q = 0; q < tile.positions; q += columns)
-      blocks.push_back({{tile.n0, 1, tile.p0 + q, std::min(columns, tile.positions - q)}, q});
+  if (tile.samples == 1 || columns < tile.positions) {  // slices of each sample
+    const std::vector<int64_t> cuts = even_cuts(tile.positions, columns);
+    for (int64_t i = 0; i < tile.samples; ++i)
+      for (size_t b = 0; b + 1 < cuts.size(); ++b)
+        blocks.push_back({{tile.n0 + i, 1, tile.p0 + cuts[b], cuts[b + 1] - cuts[b]}, i * tile.positions + cuts[b]});
   } else {  // whole samples, as many as fill a block
-    const int64_t samples = std::max<int64_t>(1, columns / tile.positions);
-    for (int64_t i = 0; i < tile.samples; i += samples)
-      blocks.push_back({{tile.n0 + i, std::min(samples, tile.samples - i), tile.p0, tile.positions},
-                        i * tile.positions});
+    const std::vector<int64_t> cuts = even_cuts(tile.samples, std::max<int64_t>(1, columns / tile.positions));
+    for (size_t b = 0; b + 1 < cuts.size(); ++b)
+      blocks.push_back({{tile.n0 + cuts[b], cuts[b + 1] - cuts[b], tile.p0, tile.positions},
+                        cuts[b] * tile.positions});
   }
   return blocks;
 }

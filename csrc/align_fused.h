@@ -102,7 +102,7 @@ inline at::Tensor feature_tile(const AlignFeature& feature, const AlignTile& til
 }
 
 // Columns [first, first + pixels) of a tile's buffers hold the pixels of ``pixels``, a piece of the tile (whole
-// samples of it, or a slice of its one sample).
+// samples of it, or a slice of one of its samples).
 struct TileColumns {
   AlignTile pixels;
   int64_t first;

@@ -118,8 +118,8 @@ def test_teacher_margin_ties_split_the_gradient(backend):
 
 
 def _wide_inputs(batch, spatial, dtype, channels_last, seed=0):
-    """Real layer widths: student 96, hidden 160, teacher 200 channels (the tile buffers hold about 3,400
-    pixels of them on CPU, so these features walk several tiles)."""
+    """Real layer widths: student 96, hidden 160, teacher 200 channels (the CPU tile buffers hold 13,617 pixels
+    of them in fp32, 27,235 in bf16; column blocks are at least 2,048 pixels)."""
     gen = torch.Generator().manual_seed(seed)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     student = torch.randn(batch, 96, *spatial, generator=gen, dtype=torch.float64).to(dtype, memory_format=fmt)
@@ -130,10 +130,11 @@ def _wide_inputs(batch, spatial, dtype, channels_last, seed=0):
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-@pytest.mark.parametrize("batch,spatial", [(3, (40, 40)), (1, (64, 64))], ids=["whole-samples", "sample-slices"])
+@pytest.mark.parametrize("batch,spatial", [(40, (20, 20)), (3, (72, 72)), (1, (128, 128))],
+                         ids=["whole-samples", "slices-of-samples", "sample-slices"])
 def test_wide_channels_over_several_tiles(batch, spatial, channels_last):
-    # 3 samples of 1,600 positions: tiles of 2 whole samples, the last one partial; 1 sample of 4,096
-    # positions: slices of it.
+    # 40 samples of 400 positions: tiles of 34 samples and 6, in blocks of whole samples; 3 of 5,184: tiles of
+    # 2 samples and 1, each sample in slices; 1 of 16,384: tiles that are slices of it, cut into smaller ones.
     margin = -torch.rand(200, generator=torch.Generator().manual_seed(1), dtype=torch.float64) - 0.1
     for dtype, rtol in ((torch.float64, 1e-10), (torch.float32, 2e-5)):
         inputs = _wide_inputs(batch, spatial, dtype, channels_last)
