@@ -43,11 +43,11 @@ namespace {
 
 // Independent accumulators per loop: breaks the add dependency chain so the loops vectorize.
 constexpr int kLanes = 16;
-// A column block's share of the tile buffers: its X, H, Y and dH stay in the L2 cache between their GEMM and
-// their pass. At least kMinBlockColumns pixels, so that its GEMMs stay efficient at wide channels: narrower ones
-// take MKL's unpacked kernels, and oneDNN's set-up per call adds up (forward + backward on a 2-core Intel Xeon,
-// 64 columns and 64 weight-gradient rows -> 2048 and 256, with blocks in even numbers: 16x1024x7x7 -> 2048
-// fp32 175 -> 121 ms, bf16 65 -> 46 ms; 32x64x56x56 -> 256 fp32 293 -> 243 ms, bf16 108 -> 91 ms).
+// A column block: at least kMinBlockColumns pixels, more where their X, H, Y and dH take less than kBlockBytes
+// (a block's buffers stay in cache between a GEMM and its pass at few channels). Narrower GEMMs take MKL's
+// unpacked kernels, and oneDNN's set-up per call adds up (forward + backward on a 2-core Intel Xeon, 64 columns
+// and 64 weight-gradient rows -> 2048 and 256, with blocks in even numbers: 16x1024x7x7 -> 2048 fp32
+// 175 -> 121 ms, bf16 65 -> 46 ms; 32x64x56x56 -> 256 fp32 293 -> 243 ms, bf16 108 -> 91 ms).
 constexpr int64_t kBlockBytes = int64_t{1} << 20;
 constexpr int64_t kMinBlockColumns = 2048;
 // Rows of a weight gradient per GEMM block.
@@ -164,7 +164,8 @@ std::vector<TileColumns> column_blocks(const AlignProblem& p, const AlignTile& t
     const std::vector<int64_t> cuts = even_cuts(tile.positions, columns);
     for (int64_t i = 0; i < tile.samples; ++i)
       for (size_t b = 0; b + 1 < cuts.size(); ++b)
-        blocks.push_back({{tile.n0 + i, 1, tile.p0 + cuts[b], cuts[b + 1] - cuts[b]}, i * tile.positions + cuts[b]});
+        blocks.push_back({{tile.n0 + i, 1, tile.p0 + cuts[b], cuts[b + 1] - cuts[b]},
+                          i * tile.positions + cuts[b]});
   } else {  // whole samples, as many as fill a block
     const std::vector<int64_t> cuts = even_cuts(tile.samples, std::max<int64_t>(1, columns / tile.positions));
     for (size_t b = 0; b + 1 < cuts.size(); ++b)
