@@ -3,15 +3,17 @@
 // run in bfloat16 (oneDNN, fp32 sums inside each GEMM, outputs rounded to bfloat16 as eager's convolutions do),
 // with every elementwise pass in fp32 and the weight gradients summed over the tiles in fp32.
 //
-// A tile's pixels are cut into column blocks of about kBlockBytes of buffers (whole samples, or slices of one
-// sample).
+// A tile's pixels are cut into column blocks (whole samples, or slices of one sample) of up to about
+// kMinBlockColumns pixels (more at few channels, see kBlockBytes): an even number of nearly equal blocks where
+// there is enough to cut, so that two threads share them evenly.
 // The forward and the backward down to dH run block by block, each block's GEMMs followed at once by their
 // elementwise pass while the block is in cache; then the weight gradients (GEMMs over all of the tile's pixels,
 // cut into blocks of rows); then d student, block by block. Three parallel regions per tile.
 //
 // Determinism: the tiles and blocks are a function of the shapes only, every partial sum is combined in block
 // order, and every GEMM is a single-threaded call on one block (multi-threaded GEMMs of small matrices change
-// their bits with the thread count); so the loss and every gradient are bit-identical whatever
+// their bits with the thread count, and even a lone MKL or oneDNN call picks its blocking from torch's thread
+// count unless pinned to one thread, see OneThreadGemm); so the loss and every gradient are bit-identical whatever
 // torch.get_num_threads() is.
 #include <ATen/Config.h>
 #include <ATen/Context.h>
@@ -55,7 +57,7 @@ constexpr int64_t kGemmRows = 256;
 
 // Float GEMMs of at least this many multiply-adds go to oneDNN on CPUs other than Intel's: on one AMD EPYC core
 // it runs them at about twice the speed of ATen's BLAS (200 against 95 GFLOP/s), but smaller ones lose to its
-// set-up. On an Intel Xeon core MKL is the faster one (155-168 against 127-153 GFLOP/s), so it keeps them.
+// set-up. On an Intel Xeon core MKL is the faster one (154-168 against 127-153 GFLOP/s), so it keeps them.
 constexpr int64_t kOneDnnMinMacs = int64_t{1} << 21;
 
 bool cpu_is_intel() {
