@@ -1,7 +1,8 @@
 // CPU kernel of the fused channel-wise alignment op: the tile pipeline of align_fused.h with GEMMs through ATen.
 // The GEMMs run in the accumulation dtype, except bfloat16 ones on CPUs with native bfloat16 dot products: those
 // run in bfloat16 (oneDNN, fp32 sums inside each GEMM, outputs rounded to bfloat16 as eager's convolutions do),
-// with every elementwise pass in fp32 and the weight gradients summed over the tiles in fp32.
+// with every elementwise pass in fp32 (align_cpu.h: vectorized, per instruction set) and the weight gradients
+// summed over the tiles in fp32.
 //
 // A tile's pixels are cut into column blocks (whole samples, or slices of one sample) of up to about
 // kMinBlockColumns pixels (more at few channels, see kBlockBytes): an even number of nearly equal blocks where
@@ -26,11 +27,12 @@
 #endif
 
 #include <algorithm>
-#include <array>
+#include <atomic>
 #include <vector>
 
+#include "align_cpu.h"
 #include "align_fused.h"
-#include "align_math.h"
+#include "cpu_buffers.h"
 
 #if AT_MKLDNN_ENABLED()
 namespace at::native {
@@ -43,8 +45,6 @@ TORCH_API void mkldnn_matmul(const Tensor& mat1, const Tensor& mat2, const Tenso
 namespace ofdkern {
 namespace {
 
-// Independent accumulators per loop: breaks the add dependency chain so the loops vectorize.
-constexpr int kLanes = 16;
 // A column block: at least kMinBlockColumns pixels, more where their X, H, Y and dH take less than kBlockBytes
 // (a block's buffers stay in cache between a GEMM and its pass at few channels). Narrower GEMMs take MKL's
 // unpacked kernels, and oneDNN's set-up per call adds up (forward + backward on a 2-core Intel Xeon, 64 columns
@@ -52,6 +52,8 @@ constexpr int kLanes = 16;
 // 175 -> 121 ms, bf16 65 -> 46 ms; 32x64x56x56 -> 256 fp32 293 -> 243 ms, bf16 108 -> 91 ms).
 constexpr int64_t kBlockBytes = int64_t{1} << 20;
 constexpr int64_t kMinBlockColumns = 2048;
+// Tile buffers at least this many times the weights' bytes (CpuDevice::tile_pixels).
+constexpr int64_t kTileWeightRatio = 16;
 // Rows of a weight gradient per GEMM block.
 constexpr int64_t kGemmRows = 256;
 
@@ -125,25 +127,17 @@ void gemm(at::Tensor out, const at::Tensor& a, const at::Tensor& b, bool accumul
   else at::mm_out(out, a, b);
 }
 
-template <typename acc_t, typename F>
-inline acc_t lane_sum(int64_t n, F term) {
-  std::array<acc_t, kLanes> lanes{};
-  int64_t k = 0;
-  for (; k + kLanes <= n; k += kLanes)
-    for (int lane = 0; lane < kLanes; ++lane) lanes[lane] += term(k + lane);
-  for (; k < n; ++k) lanes[k % kLanes] += term(k);
-  acc_t total = 0;
-  for (acc_t lane : lanes) total += lane;
-  return total;
-}
-
 // Runs block(b) for b in [0, blocks) inside a parallel region, so that every GEMM in it is single-threaded
 // (MKL and oneDNN run sequentially inside an OpenMP region; with one torch thread they have one thread anyway).
-// A lone block gets a region too: called outside one, they would thread it.
+// A lone block gets a region too: called outside one, they would thread it. Each thread takes the next block
+// left when it is done with one, so a thread slowed down (on shared cores) holds the others up by at most a
+// block; which thread runs a block changes no bit of it.
 template <typename Block>
 void in_parallel_region(int64_t blocks, Block block) {
-  at::parallel_for(0, std::max<int64_t>(blocks, 2), 1, [&](int64_t first, int64_t last) {
-    for (int64_t b = first; b < std::min(last, blocks); ++b) block(b);
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::max<int64_t>(std::min<int64_t>(blocks, at::get_num_threads()), 2);
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    for (int64_t b = next++; b < blocks; b = next++) block(b);
   });
 }
 
@@ -177,102 +171,23 @@ std::vector<TileColumns> column_blocks(const AlignProblem& p, const AlignTile& t
   return blocks;
 }
 
-// n elements of the projection y (W2 H, bias not yet added) against the teacher t: adds the bias, turns y into
-// d loss / d y, writes the teacher's gradient when asked, returns the loss. kStep 0: one channel for the whole
-// run (bias and margin are scalars); kStep 1: one channel per element (they are vectors).
-template <bool kOFD, bool kGradTeacher, int kStep, typename acc_t, typename gemm_t, typename teacher_t>
-inline acc_t loss_run(gemm_t* y, const teacher_t* t, teacher_t* d_t, int64_t n, const acc_t* bias,
-                      const acc_t* margin) {
-  return lane_sum<acc_t>(n, [&](int64_t k) {
-    const acc_t tv = static_cast<acc_t>(t[k]);
-    const acc_t m = kOFD ? margin[k * kStep] : acc_t(0);
-    const auto point = align_point<kOFD>(static_cast<acc_t>(y[k]) + bias[k * kStep], tv, m);
-    y[k] = static_cast<gemm_t>(point.d_student);
-    if constexpr (kGradTeacher) d_t[k] = static_cast<teacher_t>(align_teacher_grad<kOFD>(point.d_student, tv, m));
-    return point.loss;
-  });
-}
-
-// The loss pass of one column block (y: its columns of the tile's Y buffer); adds its dY row sums to
-// bias_grad when given. Returns the block's loss.
-template <bool kOFD, bool kGradTeacher, typename acc_t, typename gemm_t, typename teacher_t>
-acc_t loss_block(const AlignProblem& p, const TileBuffer& y, const TileColumns& block, acc_t* bias_grad) {
-  const at::Tensor t_tile = feature_tile(p.teacher, block.pixels);
-  const teacher_t* t = t_tile.const_data_ptr<teacher_t>();
-  teacher_t* d_t = kGradTeacher ? feature_tile(p.grad_teacher, block.pixels).mutable_data_ptr<teacher_t>() : nullptr;
-  gemm_t* dy = y.matrix.mutable_data_ptr<gemm_t>();
-  const acc_t* bias = p.b2.const_data_ptr<acc_t>();
-  const acc_t* margin = kOFD ? p.margin.const_data_ptr<acc_t>() : nullptr;
-  const int64_t channels = t_tile.size(1), samples = t_tile.size(0), positions = t_tile.size(2);
-  acc_t loss = 0;
-  if (!y.channels_inner) {
-    // Rows of one channel and sample: the buffer's and the teacher's, both contiguous.
-    const int64_t row_stride = y.matrix.stride(0);
-    for (int64_t c = 0; c < channels; ++c) {
-      for (int64_t i = 0; i < samples; ++i) {
-        gemm_t* row = dy + c * row_stride + i * positions;
-        const int64_t offset = i * t_tile.stride(0) + c * t_tile.stride(1);
-        loss += loss_run<kOFD, kGradTeacher, 0>(row, t + offset, kGradTeacher ? d_t + offset : nullptr, positions,
-                                                bias + c, kOFD ? margin + c : nullptr);
-        if (bias_grad) bias_grad[c] += lane_sum<acc_t>(positions, [&](int64_t j) { return acc_t(row[j]); });
-      }
-    }
-    return loss;
-  }
-  // Channels innermost: the block is one contiguous run of pixels in the buffer and in the teacher.
-  for (int64_t q = 0; q < samples * positions; ++q) {
-    gemm_t* pixel = dy + q * channels;
-    loss += loss_run<kOFD, kGradTeacher, 1>(pixel, t + q * channels, kGradTeacher ? d_t + q * channels : nullptr,
-                                            channels, bias, margin);
-    if (bias_grad)
-      for (int64_t c = 0; c < channels; ++c) bias_grad[c] += static_cast<acc_t>(pixel[c]);
-  }
-  return loss;
-}
-
-// Calls body(acc_t{}, gemm_t{}) with the accumulation type and the buffers' (GEMM dtype's) type.
-template <typename Body>
-void with_buffer_types(at::ScalarType gemm_dtype, Body body) {
-  if (gemm_dtype == at::kDouble) body(double{}, double{});
-  else if (gemm_dtype == at::kBFloat16) body(float{}, at::BFloat16{});
-  else body(float{}, float{});
-}
-
 // The forward and the backward down to dH of one column block; its loss and bias-gradient partials.
-template <typename acc_t, typename gemm_t>
-void forward_backward_block(const AlignProblem& p, const AlignTile& tile, const TileColumns& block, acc_t& loss,
-                            acc_t* d_b2, acc_t* d_b1) {
+void forward_backward_block(const AlignProblem& p, const AlignTile& tile, const TileColumns& block, double& loss,
+                            const at::Tensor& d_b2, const at::Tensor& d_b1) {
+  static const AlignCpuPasses& passes = kAlignCpuPasses_here();
   TileBuffer x = columns_of(p.x(tile), block), h = columns_of(p.h(tile), block), y = columns_of(p.y(tile), block);
   x.grid.copy_(as_grid(feature_tile(p.student, block.pixels)));
   // The bias goes in first and the GEMM adds W1 X to it in its own sums: each pre-activation is rounded once
   // (like eager's convolution with bias), so relu's mask is the exact one's even when H is stored in bf16.
   h.matrix.copy_(p.b1.unsqueeze(1).expand_as(h.matrix));
   gemm(h.matrix, p.w1, x.matrix, true);
-  const int64_t hidden = h.matrix.size(0), width = h.matrix.size(1), h_stride = h.matrix.stride(0);
-  gemm_t* h_data = h.matrix.mutable_data_ptr<gemm_t>();
-  for (int64_t c = 0; c < hidden; ++c) {
-    gemm_t* row = h_data + c * h_stride;
-    for (int64_t j = 0; j < width; ++j) row[j] = static_cast<gemm_t>(relu(static_cast<acc_t>(row[j])));
-  }
+  passes.relu(h.matrix);
   gemm(y.matrix, p.w2, h.matrix, false);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.teacher.merged.scalar_type(), "align_loss_cpu", [&] {
-    const bool ofd = p.margin.defined(), grad_teacher = p.grad_teacher.merged.defined();
-    if (ofd) loss = grad_teacher ? loss_block<true, true, acc_t, gemm_t, scalar_t>(p, y, block, d_b2)
-                                 : loss_block<true, false, acc_t, gemm_t, scalar_t>(p, y, block, d_b2);
-    else loss = grad_teacher ? loss_block<false, true, acc_t, gemm_t, scalar_t>(p, y, block, d_b2)
-                             : loss_block<false, false, acc_t, gemm_t, scalar_t>(p, y, block, d_b2);
-  });
+  loss = passes.loss(p, y, block, d_b2);
   if (!p.backward()) return;
   TileBuffer dh = columns_of(p.dh(tile), block);
   gemm(dh.matrix, p.w2.t(), y.matrix, false);
-  gemm_t* dh_data = dh.matrix.mutable_data_ptr<gemm_t>();
-  for (int64_t c = 0; c < hidden; ++c) {
-    gemm_t* grad = dh_data + c * h_stride;
-    const gemm_t* activation = h_data + c * h_stride;
-    for (int64_t j = 0; j < width; ++j)
-      grad[j] = static_cast<gemm_t>(relu_backward(static_cast<acc_t>(grad[j]), static_cast<acc_t>(activation[j])));
-    if (d_b1) d_b1[c] += lane_sum<acc_t>(width, [&](int64_t j) { return static_cast<acc_t>(grad[j]); });
-  }
+  passes.relu_backward(dh.matrix, h.matrix, d_b1);
 }
 
 // sum += a b, in blocks of sum's rows (each one GEMM over every pixel of the tile). A bfloat16 GEMM gives the
@@ -298,50 +213,60 @@ struct CpuDevice {
     static const bool bfloat16_dots = cpu_has_bfloat16_dots();
     return compute_dtype == at::kBFloat16 && bfloat16_dots ? at::kBFloat16 : accumulation_dtype(compute_dtype);
   }
-  // 32 MiB of tile buffers: a few large tiles, so a handful of parallel regions per call.
-  static int64_t tile_bytes(int64_t) { return int64_t{32} << 20; }
+  // Tiles whose buffers stay in the last-level cache between a tile's three parallel regions (4 MiB), or
+  // larger where the weights are large (up to 32 MiB): every tile adds its weight-gradient products to the
+  // sums, at a cost that grows with the weights and falls with the tile's pixels. At least four column blocks.
+  static int64_t tile_pixels(int64_t, int64_t bytes_per_pixel, int64_t weight_bytes) {
+    const int64_t bytes = std::clamp(kTileWeightRatio * weight_bytes, int64_t{4} << 20, int64_t{32} << 20);
+    return std::max(4 * kMinBlockColumns, bytes / bytes_per_pixel);
+  }
+  // Cached huge-page blocks (cpu_buffers.h): fresh ones of this size fault in page by page, every call.
+  static at::Tensor empty_like(const at::Tensor& feature) { return empty_like_hugepage(feature, feature.options()); }
+  static at::Tensor empty(int64_t numel, at::TensorOptions options) { return empty_hugepage(numel, options); }
 
   static void run_tile(const AlignProblem& p, const AlignTile& tile) {
     const std::vector<TileColumns> blocks = column_blocks(p, tile);
     const int64_t count = static_cast<int64_t>(blocks.size());
-    with_buffer_types(p.w1.scalar_type(), [&](auto acc_zero, auto gemm_zero) {
-      using acc_t = decltype(acc_zero);
-      using gemm_t = decltype(gemm_zero);
-      const bool weights = p.grad_weights();
-      std::vector<acc_t> losses(count), d_b2(weights ? count * p.t_channels : 0), d_b1(weights ? count * p.hidden : 0);
-      in_parallel_region(count, [&](int64_t b) {
-        forward_backward_block<acc_t, gemm_t>(p, tile, blocks[b], losses[b],
-                                              weights ? &d_b2[b * p.t_channels] : nullptr,
-                                              weights ? &d_b1[b * p.hidden] : nullptr);
-      });
-      acc_t tile_loss = 0;
-      for (acc_t loss : losses) tile_loss += loss;
-      *p.loss.mutable_data_ptr<acc_t>() += tile_loss;
-      if (weights) {
-        auto add_block_sums = [count](const at::Tensor& sum, const std::vector<acc_t>& parts) {
-          acc_t* out = sum.mutable_data_ptr<acc_t>();
-          const int64_t channels = sum.numel();
-          for (int64_t b = 0; b < count; ++b)
-            for (int64_t c = 0; c < channels; ++c) out[c] += parts[b * channels + c];
-        };
-        add_block_sums(p.d_b2, d_b2);
-        add_block_sums(p.d_b1, d_b1);
-        const TileBuffer x = p.x(tile), h = p.h(tile), y = p.y(tile), dh = p.dh(tile);
-        const RowBlocks products[] = {{p.d_w2, y.matrix, h.matrix.t()}, {p.d_w1, dh.matrix, x.matrix.t()}};
-        const int64_t first_of_second = products[0].count();
-        in_parallel_region(first_of_second + products[1].count(), [&](int64_t b) {
-          if (b < first_of_second) products[0].run(b);
-          else products[1].run(b - first_of_second);
-        });
-      }
-      if (p.grad_student.merged.defined()) {
-        in_parallel_region(count, [&](int64_t b) {
-          TileBuffer x = columns_of(p.x(tile), blocks[b]);
-          gemm(x.matrix, p.w1.t(), columns_of(p.dh(tile), blocks[b]).matrix, false);  // x is done: d student
-          as_grid(feature_tile(p.grad_student, blocks[b].pixels)).copy_(x.grid);
-        });
+    const bool weights = p.grad_weights();
+    // Per block: its loss (exact in a double) and its bias-gradient sums (db2, then db1).
+    std::vector<double> losses(count);
+    const at::Tensor bias_sums = weights ? at::zeros({count, p.t_channels + p.hidden}, p.d_b1.options()) : at::Tensor();
+    in_parallel_region(count, [&](int64_t b) {
+      forward_backward_block(p, tile, blocks[b], losses[b],
+                             weights ? bias_sums[b].narrow(0, 0, p.t_channels) : at::Tensor(),
+                             weights ? bias_sums[b].narrow(0, p.t_channels, p.hidden) : at::Tensor());
+    });
+    AT_DISPATCH_FLOATING_TYPES(p.loss.scalar_type(), "align_tile_sums_cpu", [&] {
+      // In block order, in the accumulation dtype.
+      scalar_t tile_loss = 0;
+      for (double loss : losses) tile_loss += static_cast<scalar_t>(loss);
+      *p.loss.mutable_data_ptr<scalar_t>() += tile_loss;
+      if (!weights) return;
+      const scalar_t* parts = bias_sums.const_data_ptr<scalar_t>();
+      scalar_t* d_b2 = p.d_b2.mutable_data_ptr<scalar_t>();
+      scalar_t* d_b1 = p.d_b1.mutable_data_ptr<scalar_t>();
+      for (int64_t b = 0; b < count; ++b) {
+        const scalar_t* part = parts + b * (p.t_channels + p.hidden);
+        for (int64_t c = 0; c < p.t_channels; ++c) d_b2[c] += part[c];
+        for (int64_t c = 0; c < p.hidden; ++c) d_b1[c] += part[p.t_channels + c];
       }
     });
+    if (weights) {
+      const TileBuffer x = p.x(tile), h = p.h(tile), y = p.y(tile), dh = p.dh(tile);
+      const RowBlocks products[] = {{p.d_w2, y.matrix, h.matrix.t()}, {p.d_w1, dh.matrix, x.matrix.t()}};
+      const int64_t first_of_second = products[0].count();
+      in_parallel_region(first_of_second + products[1].count(), [&](int64_t b) {
+        if (b < first_of_second) products[0].run(b);
+        else products[1].run(b - first_of_second);
+      });
+    }
+    if (p.grad_student.merged.defined()) {
+      in_parallel_region(count, [&](int64_t b) {
+        TileBuffer x = columns_of(p.x(tile), blocks[b]);
+        gemm(x.matrix, p.w1.t(), columns_of(p.dh(tile), blocks[b]).matrix, false);  // x is done: d student
+        as_grid(feature_tile(p.grad_student, blocks[b].pixels)).copy_(x.grid);
+      });
+    }
   }
 };
 

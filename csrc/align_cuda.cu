@@ -83,9 +83,14 @@ struct CudaDevice {
   static at::ScalarType gemm_dtype(at::ScalarType compute_dtype) { return compute_dtype; }
   // Large tiles for few launches, yet an eighth of what the buffers of every pixel would take (eager keeps
   // several of those for its backward): 8 to 256 MiB.
-  static int64_t tile_bytes(int64_t all_pixels_bytes) {
-    return std::clamp(all_pixels_bytes / 8, int64_t{8} << 20, int64_t{256} << 20);
+  static int64_t tile_pixels(int64_t pixels, int64_t bytes_per_pixel, int64_t) {
+    return std::clamp(pixels * bytes_per_pixel / 8, int64_t{8} << 20, int64_t{256} << 20) / bytes_per_pixel;
   }
+  // The caching allocator's blocks.
+  static at::Tensor empty_like(const at::Tensor& feature) {
+    return at::empty_strided(feature.sizes(), feature.strides(), feature.options());
+  }
+  static at::Tensor empty(int64_t numel, at::TensorOptions options) { return at::empty({numel}, options); }
 
   // sum += a b, accumulated in sum's (float32 or float64) dtype.
   static void add_product(const at::Tensor& sum, const at::Tensor& a, const at::Tensor& b) {

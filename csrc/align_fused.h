@@ -169,10 +169,13 @@ inline void check_align_weight(const at::Tensor& weight, const char* name, at::I
                     ", got ", weight.device());
 }
 
-// Device: the GEMM dtype of a compute dtype, the tile buffers' budget given what buffers for every pixel
-// would take, and the work of one tile:
+// Device: the GEMM dtype of a compute dtype, the pixels of a tile (given the problem's pixels, the bytes of
+// their tile buffers per pixel and the bytes of the two weights), its allocators (a feature gradient with the
+// feature's strides; a 1-D tile buffer or weight gradient), and the work of one tile:
 //   static at::ScalarType gemm_dtype(at::ScalarType compute_dtype);
-//   static int64_t tile_bytes(int64_t all_pixels_bytes);
+//   static int64_t tile_pixels(int64_t pixels, int64_t bytes_per_pixel, int64_t weight_bytes);
+//   static at::Tensor empty_like(const at::Tensor& feature);
+//   static at::Tensor empty(int64_t numel, at::TensorOptions options);
 //   static void run_tile(const AlignProblem& problem, const AlignTile& tile);
 template <typename Device>
 AlignOutputs align_fused(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& w1,
@@ -215,13 +218,14 @@ AlignOutputs align_fused(const at::Tensor& student, const at::Tensor& teacher, c
 
   p.loss = at::zeros({}, acc_options);
   auto feature_grad = [](bool wanted, const at::Tensor& like) {
-    return wanted ? at::empty_strided(like.sizes(), like.strides(), like.options()) : at::empty({0}, like.options());
+    return wanted ? Device::empty_like(like) : at::empty({0}, like.options());
   };
   const at::Tensor d_student = feature_grad(grad_student, student), d_teacher = feature_grad(grad_teacher, teacher);
   if (grad_student) p.grad_student = align_feature(d_student, "grad_student");
   if (grad_teacher) p.grad_teacher = align_feature(d_teacher, "grad_teacher");
   auto weight_grad = [&](const at::Tensor& w) {
-    return grad_weights ? at::zeros(w.sizes(), acc_options) : at::empty({0}, acc_options);
+    return grad_weights ? Device::empty(w.numel(), acc_options).view(w.sizes()).zero_()
+                        : at::empty({0}, acc_options);
   };
   const at::Tensor d_w1 = weight_grad(w1), d_b1 = weight_grad(b1), d_w2 = weight_grad(w2), d_b2 = weight_grad(b2);
   if (grad_weights) std::tie(p.d_w1, p.d_b1, p.d_w2, p.d_b2) = std::tie(d_w1, d_b1, d_w2, d_b2);
@@ -236,13 +240,15 @@ AlignOutputs align_fused(const at::Tensor& student, const at::Tensor& teacher, c
   p.b2 = b2.detach().to(acc);
   const int64_t bytes_per_pixel =
       (p.s_channels + 2 * p.hidden + p.t_channels) * at::elementSize(gemm.dtype().toScalarType());
-  const int64_t tile_pixels = Device::tile_bytes(batch * positions * bytes_per_pixel) / bytes_per_pixel;
+  const int64_t weight_bytes =
+      (p.s_channels + p.t_channels) * p.hidden * at::elementSize(gemm.dtype().toScalarType());
+  const int64_t tile_pixels = Device::tile_pixels(batch * positions, bytes_per_pixel, weight_bytes);
   const std::vector<AlignTile> tiles = align_tiles(batch, positions, std::max<int64_t>(128, tile_pixels));
   const int64_t most_pixels = tiles.front().pixels();
-  p.x_storage = at::empty({p.s_channels * most_pixels}, gemm);
-  p.h_storage = at::empty({p.hidden * most_pixels}, gemm);
-  p.y_storage = at::empty({p.t_channels * most_pixels}, gemm);
-  if (p.backward()) p.dh_storage = at::empty({p.hidden * most_pixels}, gemm);
+  p.x_storage = Device::empty(p.s_channels * most_pixels, gemm);
+  p.h_storage = Device::empty(p.hidden * most_pixels, gemm);
+  p.y_storage = Device::empty(p.t_channels * most_pixels, gemm);
+  if (p.backward()) p.dh_storage = Device::empty(p.hidden * most_pixels, gemm);
   for (const AlignTile& tile : tiles) Device::run_tile(p, tile);
   return outputs;
 }

@@ -3,12 +3,10 @@
 // attention-map math (normalize, difference, gradient).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <ATen/Version.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
-#include <string>
 
 #include "cpu_buffers.h"
 #include "frskd_cpu.h"
@@ -18,22 +16,9 @@
 namespace ofdkern {
 namespace {
 
-// The variant for the vector width torch itself uses on this CPU.
-const FrskdCpuKernels& cpu_kernels() {
-  static const FrskdCpuKernels* const kernels = [] {
-#if OFDKERN_FRSKD_X86_VARIANTS
-    const std::string capability = at::get_cpu_capability();
-    if (capability == "AVX512") return &AVX512::kFrskdCpuKernels;
-    if (capability == "AVX2") return &AVX2::kFrskdCpuKernels;
-#endif
-    return &DEFAULT::kFrskdCpuKernels;
-  }();
-  return *kernels;
-}
-
 at::Tensor attention_map_cpu(const at::Tensor& feature, double p) {
   at::Tensor map = allocate_attention_map(feature, p);
-  if (map.numel() != 0) cpu_kernels().attention_map(attention_walkable(feature), p, map);
+  if (map.numel() != 0) kFrskdCpuKernels_here().attention_map(attention_walkable(feature), p, map);
   return map;
 }
 
@@ -42,11 +27,11 @@ at::Tensor attention_map_backward_cpu(const at::Tensor& feature, const at::Tenso
   if (grad.numel() == 0) return grad;
   const at::Tensor source = attention_walkable(feature);
   if (source.is_same(feature)) {
-    cpu_kernels().attention_map_backward(feature, grad_map, p, grad);
+    kFrskdCpuKernels_here().attention_map_backward(feature, grad_map, p, grad);
   } else {
     // A dense layout the kernels do not walk (e.g. batch innermost): compute contiguously, then lay out.
     const at::Tensor contiguous_grad = at::empty_like(source);
-    cpu_kernels().attention_map_backward(source, grad_map, p, contiguous_grad);
+    kFrskdCpuKernels_here().attention_map_backward(source, grad_map, p, contiguous_grad);
     grad.copy_(contiguous_grad);
   }
   return grad;
@@ -112,7 +97,7 @@ KDOutputs kd_fused_cpu(const at::Tensor& student, const at::Tensor& teacher, dou
   if (student.size(0) == 0) return outputs;
   // No classes: KL over nothing is 0, as the reference's sum.
   if (student.size(1) == 0) std::get<0>(outputs).zero_();
-  else cpu_kernels().kd(student, teacher, temperature, outputs);
+  else kFrskdCpuKernels_here().kd(student, teacher, temperature, outputs);
   return outputs;
 }
 

@@ -1,6 +1,6 @@
 // The FRSKD CPU kernels (frskd_cpu.h) on at::vec vectors of the instruction set CPU_CAPABILITY. Included by
-// frskd_cpu_<isa>.cpp, after frskd_cpu_prelude.h and that file's #pragma GCC target; everything here is in
-// the namespace ofdkern::CPU_CAPABILITY, so the variants stay apart.
+// cpu_isa_<isa>.cpp, after cpu_isa_prelude.h and that file's #pragma GCC target; everything here is in the
+// namespace ofdkern::CPU_CAPABILITY, so the variants stay apart.
 //
 // KD: a row is split into blocks of kClassBlock classes. Pass 1 takes each block's max and sum of
 // e = exp((v - max) / T) (two sweeps over the block, which stays in cache) and keeps the e; the blocks of a row
@@ -12,25 +12,13 @@
 // neither the schedule nor the thread count changes a bit.
 #pragma once
 
-// at::vec's headers carry pragmas for other compilers and return vectors from functions compiled for narrower
-// targets in code this file never calls; GCC 12 takes the deliberately undefined pass-through operand of some
-// AVX-512 conversion intrinsics for an uninitialized variable.
-#pragma GCC diagnostic ignored "-Wunknown-pragmas"
-#pragma GCC diagnostic ignored "-Wpsabi"
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
-
+#include "cpu_vec.h"
 #include "frskd_fused.h"
 #include "frskd_math.h"
 
 namespace ofdkern {
 namespace CPU_CAPABILITY {
 namespace {
-
-using at::vec::Vectorized;
 
 // The vector policy of frskd_math.h (Sleef's pow through at::vec; the kernels take Sleef's exp the same way).
 template <typename acc_t>
@@ -55,33 +43,7 @@ constexpr uintptr_t kCacheLine = 64;
 // Positions per task when channels are innermost.
 constexpr int64_t kChannelsInnerTile = 16;
 
-template <typename acc_t>
-constexpr int64_t kWidth = Vectorized<acc_t>::size();
-
-// The first n (1 <= n <= width) elements at data, the other lanes set to fill.
-template <typename acc_t>
-Vectorized<acc_t> load_lanes(const acc_t* data, int64_t n, acc_t fill) {
-  using Vec = Vectorized<acc_t>;
-  return n == Vec::size() ? Vec::loadu(data) : Vec::set(Vec(fill), Vec::loadu(data, n), n);
-}
-
-// v with the lanes from n on zeroed (n = width: all of v).
-template <typename acc_t>
-Vectorized<acc_t> first_lanes(const Vectorized<acc_t>& v, int64_t n) {
-  using Vec = Vectorized<acc_t>;
-  return n == Vec::size() ? v : Vec::set(Vec(acc_t(0)), v, n);
-}
-
-// Sums and maxima over the lanes, in lane order.
-template <typename acc_t>
-acc_t lane_sum(const Vectorized<acc_t>& v) {
-  acc_t lanes[Vectorized<acc_t>::size()];
-  v.store(lanes);
-  acc_t total = 0;
-  for (acc_t lane : lanes) total += lane;
-  return total;
-}
-
+// The maximum over the lanes, in lane order.
 template <typename acc_t>
 acc_t lane_max(const Vectorized<acc_t>& v) {
   acc_t lanes[Vectorized<acc_t>::size()];
@@ -90,104 +52,6 @@ acc_t lane_max(const Vectorized<acc_t>& v) {
   for (acc_t lane : lanes) result = ScalarMath<acc_t>::max(result, lane);
   return result;
 }
-
-// n (1 <= n <= width) elements at src in the accumulation type, the lanes from n on 0. Half precision is
-// widened one accumulation vector (half a Half vector) at a time, so rows shorter than a Half vector (a 4x4
-// map's 16 positions) convert in vectors too.
-template <typename scalar_t>
-Vectorized<accumulation_t<scalar_t>> load_widened(const scalar_t* src, int64_t n) {
-  using acc_t = accumulation_t<scalar_t>;
-  using Vec = Vectorized<acc_t>;
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    return Vec::loadu(src, n);
-  } else {
-    if (n == Vec::size()) {
-      Vec v;
-      at::vec::load_to_float(src, v);
-      return v;
-    }
-    return at::vec::convert<acc_t>(Vectorized<scalar_t>::loadu(src, n));
-  }
-}
-
-// Two vectors of the accumulation type, the unit of the narrowing stores.
-template <typename acc_t>
-struct VectorPair {
-  Vectorized<acc_t> low, high;
-};
-
-// n (1 <= n <= 2 width) elements at src in the accumulation type, the lanes from n on 0.
-template <typename scalar_t>
-VectorPair<accumulation_t<scalar_t>> load_pair(const scalar_t* src, int64_t n) {
-  using acc_t = accumulation_t<scalar_t>;
-  constexpr int64_t width = kWidth<acc_t>;
-  return {load_widened(src, std::min(n, width)),
-          n > width ? load_widened(src + width, n - width) : Vectorized<acc_t>(acc_t(0))};
-}
-
-// Stores the first n (1 <= n <= 2 width) lanes of v at dst, rounded to scalar_t. Half precision is narrowed
-// a Half vector (two accumulation vectors) at a time, which costs a quarter less than a vector at a time.
-template <typename scalar_t>
-void store_pair(scalar_t* dst, const VectorPair<accumulation_t<scalar_t>>& v, int64_t n) {
-  using acc_t = accumulation_t<scalar_t>;
-  constexpr int64_t width = kWidth<acc_t>;
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    v.low.store(dst, std::min(n, width));
-    if (n > width) v.high.store(dst + width, n - width);
-  } else {
-    at::vec::convert_from_float<scalar_t>(v.low, v.high).store(dst, n);
-  }
-}
-
-// Up to kCapacity elements of an input in the accumulation type: the data itself, or (half precision) a
-// copy converted vector by vector.
-template <typename scalar_t, int64_t kCapacity>
-class InputBlock {
-  using acc_t = accumulation_t<scalar_t>;
-  static constexpr bool kConverts = !std::is_same_v<scalar_t, acc_t>;
-
- public:
-  const acc_t* load(const scalar_t* src, int64_t n) {
-    if constexpr (kConverts) {
-      for (int64_t i = 0; i < n; i += kWidth<acc_t>) {
-        const int64_t lanes = std::min(kWidth<acc_t>, n - i);
-        load_widened(src + i, lanes).store(buffer_ + i, lanes);
-      }
-      return buffer_;
-    } else {
-      return src;
-    }
-  }
-
- private:
-  acc_t buffer_[kConverts ? kCapacity : 1];
-};
-
-// Where up to kCapacity elements of an output are computed in the accumulation type: the output itself, or
-// (half precision) a buffer that store() converts into it.
-template <typename scalar_t, int64_t kCapacity>
-class OutputBlock {
-  using acc_t = accumulation_t<scalar_t>;
-  static constexpr bool kConverts = !std::is_same_v<scalar_t, acc_t>;
-
- public:
-  acc_t* data(scalar_t* dst) {
-    if constexpr (kConverts) return buffer_;
-    else return dst;
-  }
-
-  void store(scalar_t* dst, int64_t n) const {
-    if constexpr (kConverts) {
-      for (int64_t i = 0; i < n; i += 2 * kWidth<acc_t>) {
-        const int64_t lanes = std::min(2 * kWidth<acc_t>, n - i);
-        store_pair(dst + i, load_pair(buffer_ + i, lanes), lanes);
-      }
-    }
-  }
-
- private:
-  acc_t buffer_[kConverts ? kCapacity : 1];
-};
 
 // --- KD ---------------------------------------------------------------------------------------------------
 

@@ -130,11 +130,12 @@ def _wide_inputs(batch, spatial, dtype, channels_last, seed=0):
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-@pytest.mark.parametrize("batch,spatial", [(40, (20, 20)), (3, (72, 72)), (1, (128, 128))],
+@pytest.mark.parametrize("batch,spatial", [(40, (20, 20)), (5, (50, 50)), (1, (128, 128))],
                          ids=["whole-samples", "slices-of-samples", "sample-slices"])
 def test_wide_channels_over_several_tiles(batch, spatial, channels_last):
-    # 40 samples of 400 positions: tiles of 34 samples and 6, in blocks of whole samples; 3 of 5,184: tiles of
-    # 2 samples and 1, each sample in slices; 1 of 16,384: tiles that are slices of it, cut into smaller ones.
+    # Tiles of 8,192 pixels at these widths (CpuDevice::tile_pixels), column blocks of 2,048. 40 samples of 400
+    # positions: two tiles of 20 samples, in blocks of whole samples; 5 of 2,500: tiles of 3 samples and 2, each
+    # sample in two slices; 1 of 16,384: two tiles that are slices of it, cut into four blocks each.
     margin = -torch.rand(200, generator=torch.Generator().manual_seed(1), dtype=torch.float64) - 0.1
     for dtype, rtol in ((torch.float64, 1e-10), (torch.float32, 2e-5)):
         inputs = _wide_inputs(batch, spatial, dtype, channels_last)
@@ -161,8 +162,8 @@ def test_wide_channels_on_cpu_gemm_paths(channels_last):
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 def test_bfloat16_at_real_widths_over_several_tiles(channels_last):
-    # 12 samples of 48x48: two tiles even of bf16 buffers, so the weight gradients sum per-tile products (rounded
-    # to bf16 where the GEMMs run in bf16) in fp32; every result at least as accurate as eager's bf16 path.
+    # 12 samples of 48x48: four tiles of 3 samples, so the weight gradients sum per-tile products (rounded to
+    # bf16 where the GEMMs run in bf16) in fp32; every result at least as accurate as eager's bf16 path.
     inputs = _wide_inputs(12, (48, 48), torch.bfloat16, channels_last)
     assert_parity(op_cases.ALIGN.fused("cpu"), op_cases.ALIGN.reference, inputs, names=op_cases.ALIGN.names)
 

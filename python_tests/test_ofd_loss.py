@@ -560,7 +560,7 @@ def test_more_than_2_31_elements(backend):
 @pytest.mark.skipif("ofdkern::empty_like_hugepage" not in STATUS["cpu"].get("ops", ()), reason="needs the extension")
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_cpu_huge_page_outputs_keep_layout_and_values(layout):
-    # Over the 8 MiB threshold: the gradient buffers come from the huge-page allocator.
+    # Over the 256 KiB threshold: the gradient buffers come from the huge-page allocator.
     run_case("cpu", "cpu", (4, 64, 96, 96), torch.float32, layout, "sum", grads=(True, True, False))
     like = make_features((4, 64, 96, 96), torch.float32, "cpu", layout)[0]
     buffer = torch.ops.ofdkern.empty_like_hugepage(like)
@@ -595,6 +595,15 @@ def test_cpu_buffer_cache_reuses_freed_buffers_within_its_limit():
         kept = torch.ops.ofdkern.empty_like_hugepage(torch.empty((4, 64, 96, 96)))
         del kept
         assert ofdkern.cpu_buffer_cache_bytes() == 0  # limit 0: nothing is cached
+        # From 256 KiB on (glibc may map such blocks anew on every call), in blocks of whole huge pages.
+        ofdkern.set_cpu_buffer_cache_limit(block)
+        small = torch.ops.ofdkern.empty_like_hugepage(torch.empty(256 << 10, dtype=torch.uint8))
+        del small
+        assert ofdkern.cpu_buffer_cache_bytes() == 2 << 20
+        smaller = torch.ops.ofdkern.empty_like_hugepage(torch.empty((256 << 10) - 1, dtype=torch.uint8))
+        del smaller
+        assert ofdkern.cpu_buffer_cache_bytes() == 2 << 20  # under the threshold: an ordinary tensor
+        ofdkern.empty_cpu_buffer_cache()
     finally:
         ofdkern.set_cpu_buffer_cache_limit(previous)
 

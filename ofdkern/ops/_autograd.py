@@ -103,14 +103,18 @@ def scale_saved_gradient(buffer: torch.Tensor, scale: torch.Tensor, dtype: torch
     (``in_place_backward``) and the graph dies with this backward; else into a new tensor (on CPU a huge-page
     buffer when the extension has them: faulting in a fresh feature-sized tensor costs more than the
     multiply)."""
-    exact = buffer.dtype == dtype and torch.result_type(buffer, scale) == dtype
-    if not exact:  # the buffer is in another dtype (a wider feature dtype), or a per-element scale promotes
-        return (buffer * scale).to(dtype)
+    product_dtype = torch.result_type(buffer, scale)
+    in_place = in_place_backward and graph_dies_with_this_backward()
+    if buffer.dtype != dtype or product_dtype != dtype:
+        # The buffer is in another dtype (the accumulation dtype of half-precision weights, a wider feature
+        # dtype), or a per-element scale promotes: the product, then one rounding to ``dtype``. In place, a
+        # weight-sized temporary fewer.
+        product = buffer.mul_(scale) if in_place and product_dtype == buffer.dtype else buffer * scale
+        return product.to(dtype)
     if _tracing():
         # One rounding, like the device kernels; inductor fuses it into one pass.
         acc = accumulation_dtype(dtype)
         return (buffer.to(acc) * scale.to(acc)).to(dtype)
-    in_place = in_place_backward and graph_dies_with_this_backward()
     if buffer.device.type != "cpu" and scale.dim() == 0:
         return _scale_on_device_(buffer if in_place else buffer.clone(), scale, backend)
     if in_place:

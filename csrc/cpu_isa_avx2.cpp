@@ -1,10 +1,10 @@
-// The FRSKD CPU kernels for AVX2 with FMA (frskd_cpu.h): 8 floats per vector.
-#include "frskd_cpu.h"
+// The vectorized CPU kernels (cpu_isa.h) for AVX2 with FMA: 8 floats per vector.
+#include "cpu_isa.h"
 
-#if OFDKERN_FRSKD_X86_VARIANTS
+#if OFDKERN_CPU_ISA_VARIANTS
 #define CPU_CAPABILITY AVX2
 #define CPU_CAPABILITY_AVX2
-#include "frskd_cpu_prelude.h"
+#include "cpu_isa_prelude.h"
 #pragma GCC target("avx2,fma,f16c")
 // GCC's C++ front end does not define the pragma's target macros; sleef.h declares its 256-bit functions
 // under them.
@@ -18,4 +18,5 @@
 #define __FMA__ 1
 #endif
 #include "frskd_cpu_kernels.h"
+#include "align_cpu_kernels.h"
 #endif

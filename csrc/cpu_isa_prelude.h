@@ -1,8 +1,8 @@
-// Included first by each frskd_cpu_<isa>.cpp, before its #pragma GCC target: every header outside at::vec that
-// the kernels (frskd_cpu_kernels.h) and at::vec pull in. Code is compiled for the instruction set in force
-// where it is defined, so these headers' inline functions, which other translation units define too, stay
-// baseline code; only at::vec (in its per-capability namespace) and ofdkern's kernels (in per-capability or
-// internal namespaces) are compiled for the wider instruction set.
+// Included first by each cpu_isa_<isa>.cpp, before its #pragma GCC target: every header outside at::vec that
+// the kernels (frskd_cpu_kernels.h, align_cpu_kernels.h) and at::vec pull in. Code is compiled for the
+// instruction set in force where it is defined, so these headers' inline functions, which other translation
+// units define too, stay baseline code; only at::vec (in its per-capability namespace) and ofdkern's kernels
+// (in per-capability or internal namespaces) are compiled for the wider instruction set.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -27,5 +27,8 @@
 #include <vector>
 
 #include "accumulation.h"
+#include "align_cpu.h"
+#include "align_fused.h"
+#include "align_math.h"
 #include "frskd_cpu.h"
 #include "frskd_fused.h"
