@@ -102,8 +102,28 @@ void store_pair(scalar_t* dst, const VectorPair<accumulation_t<scalar_t>>& v, in
   }
 }
 
+// The n elements at src in the accumulation type, into dst (half precision: widened vector by vector).
+template <typename scalar_t>
+void widen(const scalar_t* src, int64_t n, accumulation_t<scalar_t>* dst) {
+  using acc_t = accumulation_t<scalar_t>;
+  for (int64_t i = 0; i < n; i += kWidth<acc_t>) {
+    const int64_t lanes = std::min(kWidth<acc_t>, n - i);
+    load_widened(src + i, lanes).store(dst + i, lanes);
+  }
+}
+
+// The n accumulation-type elements at src rounded into dst, two accumulation vectors at a time.
+template <typename scalar_t>
+void narrow(const accumulation_t<scalar_t>* src, int64_t n, scalar_t* dst) {
+  using acc_t = accumulation_t<scalar_t>;
+  for (int64_t i = 0; i < n; i += 2 * kWidth<acc_t>) {
+    const int64_t lanes = std::min(2 * kWidth<acc_t>, n - i);
+    store_pair(dst + i, load_pair(src + i, lanes), lanes);
+  }
+}
+
 // Up to kCapacity elements of an input in the accumulation type: the data itself, or (half precision) a
-// copy converted vector by vector.
+// widened copy.
 template <typename scalar_t, int64_t kCapacity>
 class InputBlock {
   using acc_t = accumulation_t<scalar_t>;
@@ -112,10 +132,7 @@ class InputBlock {
  public:
   const acc_t* load(const scalar_t* src, int64_t n) {
     if constexpr (kConverts) {
-      for (int64_t i = 0; i < n; i += kWidth<acc_t>) {
-        const int64_t lanes = std::min(kWidth<acc_t>, n - i);
-        load_widened(src + i, lanes).store(buffer_ + i, lanes);
-      }
+      widen(src, n, buffer_);
       return buffer_;
     } else {
       return src;
@@ -127,10 +144,12 @@ class InputBlock {
 };
 
 // Where up to kCapacity elements of an output are computed in the accumulation type: the output itself, or
-// (half precision) a buffer that store() converts into it.
+// (half precision) a buffer that store() narrows into it.
 template <typename scalar_t, int64_t kCapacity>
 class OutputBlock {
   using acc_t = accumulation_t<scalar_t>;
+
+ protected:
   static constexpr bool kConverts = !std::is_same_v<scalar_t, acc_t>;
 
  public:
@@ -140,12 +159,7 @@ class OutputBlock {
   }
 
   void store(scalar_t* dst, int64_t n) const {
-    if constexpr (kConverts) {
-      for (int64_t i = 0; i < n; i += 2 * kWidth<acc_t>) {
-        const int64_t lanes = std::min(2 * kWidth<acc_t>, n - i);
-        store_pair(dst + i, load_pair(buffer_ + i, lanes), lanes);
-      }
-    }
+    if constexpr (kConverts) narrow(buffer_, n, dst);
   }
 
  private:
@@ -155,34 +169,13 @@ class OutputBlock {
 // Up to kCapacity elements of an array updated in place, in the accumulation type: the data itself, or (half
 // precision) a widened copy that store() narrows back.
 template <typename scalar_t, int64_t kCapacity>
-class InPlaceBlock {
-  using acc_t = accumulation_t<scalar_t>;
-  static constexpr bool kConverts = !std::is_same_v<scalar_t, acc_t>;
-
+class InPlaceBlock : public OutputBlock<scalar_t, kCapacity> {
  public:
-  acc_t* load(scalar_t* data, int64_t n) {
-    if constexpr (kConverts) {
-      for (int64_t i = 0; i < n; i += kWidth<acc_t>) {
-        const int64_t lanes = std::min(kWidth<acc_t>, n - i);
-        load_widened(data + i, lanes).store(buffer_ + i, lanes);
-      }
-      return buffer_;
-    } else {
-      return data;
-    }
+  accumulation_t<scalar_t>* load(scalar_t* data, int64_t n) {
+    accumulation_t<scalar_t>* values = this->data(data);
+    if constexpr (OutputBlock<scalar_t, kCapacity>::kConverts) widen(data, n, values);
+    return values;
   }
-
-  void store(scalar_t* data, int64_t n) const {
-    if constexpr (kConverts) {
-      for (int64_t i = 0; i < n; i += 2 * kWidth<acc_t>) {
-        const int64_t lanes = std::min(2 * kWidth<acc_t>, n - i);
-        store_pair(data + i, load_pair(buffer_ + i, lanes), lanes);
-      }
-    }
-  }
-
- private:
-  acc_t buffer_[kConverts ? kCapacity : 1];
 };
 
 }  // namespace
