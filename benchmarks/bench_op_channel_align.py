@@ -104,18 +104,10 @@ def _faster(*steps):
     return min(steps, key=best)
 
 
-def gemm_floor_steps(inputs: LossInputs):
-    """The six GEMMs of forward + backward, in the input dtype, back to back: forward H = X W1^T (pixels x Cs
-    @ Cs x hidden) and Y = H W2^T (pixels x hidden @ hidden x Ct); backward dW2 = dY^T H, dH = dY W2,
-    dW1 = dH^T X, dX = dH W1. X is the student as (pixels, Cs) rows, dY the teacher as (pixels, Ct) rows (any
-    values of the right shape would do).
-    With torch.mm on preallocated outputs; for float32 on CPU, where torch.mm's GEMMs are BLAS's, also with
-    oneDNN's matmul (what eager's 1x1 convolutions run on; about 2x BLAS's speed on the AMD EPYC of the
-    committed results, though it allocates its outputs), and the floor is the faster of the two here."""
-    student, teacher, w1, b1, w2, b2 = (t.detach() for t in inputs.args)
-    channels = student.shape[1]
-    x = student.movedim(1, -1).reshape(-1, channels).contiguous()
-    d_y = teacher.movedim(1, -1).reshape(-1, teacher.shape[1]).contiguous()
+def _six_gemms(x: torch.Tensor, d_y: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, out_dtype: torch.dtype):
+    """The six GEMMs on x (pixels x Cs rows), d_y (pixels x Ct) and the weights, in their dtype, back to back:
+    with torch.mm on preallocated outputs, and (for float32 on CPU) with oneDNN's matmul. Each step returns
+    d x in ``out_dtype``, d w1 and d w2."""
     h = x.new_empty(x.shape[0], w1.shape[0])
     y, d_h, d_x = torch.empty_like(d_y), torch.empty_like(h), torch.empty_like(x)
     d_w1, d_w2 = torch.empty_like(w1), torch.empty_like(w2)
@@ -127,7 +119,7 @@ def gemm_floor_steps(inputs: LossInputs):
         torch.mm(d_y, w2, out=d_h)
         torch.mm(d_h.t(), x, out=d_w1)
         torch.mm(d_h, w1, out=d_x)
-        return d_x, d_w1, d_w2
+        return d_x.to(out_dtype), d_w1, d_w2
 
     def with_onednn():
         h = _gemm_nt(x, w1)
@@ -135,10 +127,32 @@ def gemm_floor_steps(inputs: LossInputs):
         d_w2 = _gemm_nt(d_y.t(), h.t())
         d_h = _gemm_nt(d_y, w2.t())
         d_w1 = _gemm_nt(d_h.t(), x.t())
-        return _gemm_nt(d_h, w1.t()), d_w1, d_w2
+        return _gemm_nt(d_h, w1.t()).to(out_dtype), d_w1, d_w2
 
     onednn_here = x.device.type == "cpu" and x.dtype == torch.float32 and torch.backends.mkldnn.is_available()
-    return {FORWARD_BACKWARD: _faster(with_mm, with_onednn) if onednn_here else with_mm}
+    return [with_mm, with_onednn] if onednn_here else [with_mm]
+
+
+def gemm_floor_steps(inputs: LossInputs):
+    """The six GEMMs of forward + backward back to back: forward H = X W1^T (pixels x Cs @ Cs x hidden) and
+    Y = H W2^T (pixels x hidden @ hidden x Ct); backward dW2 = dY^T H, dH = dY W2, dW1 = dH^T X, dX = dH W1.
+    X is the student as (pixels, Cs) rows, dY the teacher as (pixels, Ct) rows (any values of the right shape
+    would do). The floor is the fastest way torch has here to run them:
+    - in the input dtype with torch.mm on preallocated outputs;
+    - for float32 on CPU, where torch.mm's GEMMs are BLAS's, also with oneDNN's matmul (what eager's 1x1
+      convolutions run on; about 2x BLAS's speed on the AMD EPYC of the committed results, though it allocates
+      its outputs);
+    - for half precision on CPU, also in float32 on float32 copies of the operands made beforehand (the
+      fused kernel may run its GEMMs in either; bfloat16 GEMMs are the slower ones on CPUs without AMX and
+      without AVX512-BF16, and on some Intel ones with it), writing d X in the input dtype."""
+    student, teacher, w1, b1, w2, b2 = (t.detach() for t in inputs.args)
+    channels = student.shape[1]
+    x = student.movedim(1, -1).reshape(-1, channels).contiguous()
+    d_y = teacher.movedim(1, -1).reshape(-1, teacher.shape[1]).contiguous()
+    steps = _six_gemms(x, d_y, w1, w2, x.dtype)
+    if x.device.type == "cpu" and x.dtype in (torch.float16, torch.bfloat16):
+        steps += _six_gemms(x.float(), d_y.float(), w1.float(), w2.float(), x.dtype)
+    return {FORWARD_BACKWARD: _faster(*steps) if len(steps) > 1 else steps[0]}
 
 
 def providers(device: str, compile_dynamic: bool) -> list[Provider]:

@@ -1,8 +1,8 @@
 // CPU kernel of the fused channel-wise alignment op: the tile pipeline of align_fused.h with GEMMs through ATen.
-// The GEMMs run in the accumulation dtype, except bfloat16 ones on CPUs with native bfloat16 dot products: those
-// run in bfloat16 (oneDNN, fp32 sums inside each GEMM, outputs rounded to bfloat16 as eager's convolutions do),
-// with every elementwise pass in fp32 (align_cpu.h: vectorized, per instruction set) and the weight gradients
-// summed over the tiles in fp32.
+// The GEMMs run in the accumulation dtype, except bfloat16 ones on CPUs where bfloat16 GEMMs are the faster ones
+// (bfloat16_gemms_faster_here; set_cpu_bfloat16_gemms overrides it): those run in bfloat16 (oneDNN, fp32 sums
+// inside each GEMM, outputs rounded to bfloat16 as eager's convolutions do), with every elementwise pass in fp32
+// (align_cpu.h: vectorized, per instruction set) and the weight gradients summed over the tiles in fp32.
 //
 // A tile's pixels are cut into column blocks (whole samples, or slices of one sample) of up to about
 // kMinBlockColumns pixels (more at few channels, see kBlockBytes): an even number of nearly equal blocks where
@@ -20,6 +20,7 @@
 #include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/Utils.h>
 #include <torch/library.h>
 
 #ifdef _OPENMP
@@ -70,14 +71,33 @@ bool cpu_is_intel() {
 #endif
 }
 
-// bfloat16 GEMMs at several times the float32 rate need dot-product instructions for it (AVX512-BF16, which
-// AMX CPUs have too); elsewhere oneDNN emulates them, and the float32 ones are faster.
-bool cpu_has_bfloat16_dots() {
+// Whether bfloat16 GEMMs run in bfloat16 (oneDNN) by default, rather than in float32 on converted tiles: where
+// they are the faster ones. Measured on one core (2048x1024 by 1024x784 and smaller, against the float32 GEMMs
+// of the same shapes): an Intel Xeon with AMX 2.8-3.5x the float32 rate; an AMD EPYC with AVX512-BF16 about
+// 2x; an Intel Xeon with AVX512-BF16 but no AMX (oneDNN's avx512_core_bf16 kernels) about half, 89-99 against
+// MKL's 146-212 GFLOP/s. Without either, oneDNN emulates them.
+bool bfloat16_gemms_faster_here() {
 #if AT_MKLDNN_ENABLED() && (defined(__x86_64__) || defined(__i386__))
-  return __builtin_cpu_supports("avx512bf16") && at::globalContext().userEnabledMkldnn();
+  if (!at::globalContext().userEnabledMkldnn()) return false;
+  if (__builtin_cpu_supports("amx-bf16") && at::cpu::init_amx()) return true;
+  return __builtin_cpu_supports("avx512bf16") && !cpu_is_intel();
 #else
   return false;
 #endif
+}
+
+// set_cpu_bfloat16_gemms: -1 follows bfloat16_gemms_faster_here(), 0 and 1 force float32 or bfloat16 GEMMs.
+std::atomic<int64_t> bfloat16_gemms_mode{-1};
+
+int64_t set_cpu_bfloat16_gemms(int64_t mode) {
+  TORCH_CHECK_VALUE(mode >= -1 && mode <= 1, "set_cpu_bfloat16_gemms: mode must be -1, 0 or 1, got ", mode);
+  return bfloat16_gemms_mode.exchange(mode);
+}
+
+bool bfloat16_gemms() {
+  static const bool faster_here = bfloat16_gemms_faster_here();
+  const int64_t mode = bfloat16_gemms_mode.load();
+  return mode == -1 ? faster_here : mode == 1;
 }
 
 // MKL, when torch's BLAS is MKL (weak: absent otherwise).
@@ -210,8 +230,7 @@ struct RowBlocks {
 
 struct CpuDevice {
   static at::ScalarType gemm_dtype(at::ScalarType compute_dtype) {
-    static const bool bfloat16_dots = cpu_has_bfloat16_dots();
-    return compute_dtype == at::kBFloat16 && bfloat16_dots ? at::kBFloat16 : accumulation_dtype(compute_dtype);
+    return compute_dtype == at::kBFloat16 && bfloat16_gemms() ? at::kBFloat16 : accumulation_dtype(compute_dtype);
   }
   // Tiles whose buffers stay in the last-level cache between a tile's three parallel regions (4 MiB), or
   // larger where the weights are large (up to 32 MiB): every tile adds its weight-gradient products to the
@@ -279,6 +298,10 @@ AlignOutputs align_fused_cpu(const at::Tensor& student, const at::Tensor& teache
 }
 
 }  // namespace
+
+TORCH_LIBRARY_FRAGMENT(ofdkern, m) {
+  m.def("set_cpu_bfloat16_gemms(int mode) -> int", &set_cpu_bfloat16_gemms);
+}
 
 TORCH_LIBRARY_IMPL(ofdkern, CPU, m) { m.impl("align_fused", &align_fused_cpu); }
 

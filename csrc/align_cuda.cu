@@ -28,7 +28,7 @@ __global__ void __launch_bounds__(kThreads)
     bias_relu_kernel(gemm_t* h, const acc_t* bias, int64_t pixels, int64_t numel) {
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < numel;
        i += static_cast<int64_t>(gridDim.x) * kThreads) {
-    h[i] = static_cast<gemm_t>(relu(static_cast<acc_t>(h[i]) + bias[i / pixels]));
+    h[i] = static_cast<gemm_t>(relu<ScalarMath<acc_t>>(static_cast<acc_t>(h[i]) + bias[i / pixels]));
   }
 }
 
@@ -37,7 +37,8 @@ template <typename gemm_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads) relu_backward_kernel(gemm_t* dh, const gemm_t* h, int64_t numel) {
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < numel;
        i += static_cast<int64_t>(gridDim.x) * kThreads) {
-    dh[i] = static_cast<gemm_t>(relu_backward(static_cast<acc_t>(dh[i]), static_cast<acc_t>(h[i])));
+    dh[i] = static_cast<gemm_t>(
+        relu_backward<ScalarMath<acc_t>>(static_cast<acc_t>(dh[i]), static_cast<acc_t>(h[i])));
   }
 }
 
@@ -53,6 +54,7 @@ template <bool kOFD, bool kGradTeacher, typename gemm_t, typename teacher_t, typ
 __global__ void __launch_bounds__(kThreads)
     align_loss_kernel(gemm_t* y, const teacher_t* t, teacher_t* d_t, const acc_t* bias, const acc_t* margin,
                       int64_t channels, int64_t pixels, bool channels_inner, TeacherTile tile, acc_t* partials) {
+  using M = ScalarMath<acc_t>;
   acc_t sum = 0;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < channels * pixels;
        i += static_cast<int64_t>(gridDim.x) * kThreads) {
@@ -62,9 +64,9 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t offset = sample * tile.sample_stride + c * tile.channel_stride + position * tile.position_stride;
     const acc_t tv = static_cast<acc_t>(t[offset]);
     const acc_t m = kOFD ? margin[c] : acc_t(0);
-    const auto point = align_point<kOFD>(static_cast<acc_t>(y[i]) + bias[c], tv, m);
+    const auto point = align_point<kOFD, M>(static_cast<acc_t>(y[i]) + bias[c], tv, m);
     y[i] = static_cast<gemm_t>(point.d_student);
-    if constexpr (kGradTeacher) d_t[offset] = static_cast<teacher_t>(align_teacher_grad<kOFD>(point.d_student, tv, m));
+    if constexpr (kGradTeacher) d_t[offset] = static_cast<teacher_t>(align_teacher_grad<kOFD, M>(point.d_student, tv, m));
     sum += point.loss;
   }
   sum = block_sum(sum);

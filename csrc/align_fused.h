@@ -18,9 +18,8 @@
 //
 // The pipeline walks the pixels in tiles of a fixed size (whole samples, or a slice of one sample's positions),
 // never holding the projection or the hidden activation beyond a tile. Per tile, in the GEMM dtype of the device
-// (CPU: the accumulation dtype, or bfloat16 on CPUs with bfloat16 dot products; CUDA: the compute dtype, tensor
-// cores for half precision), each device's
-// run_tile computes
+// (CPU: the accumulation dtype, or bfloat16 on CPUs where bfloat16 GEMMs are the faster ones; CUDA: the compute
+// dtype, tensor cores for half precision), each device's run_tile computes
 //   X = student tile (Cs, T)            H = relu(W1 X + b1) (H, T)        Y = W2 H + b2 (Ct, T)
 //   loss, dY and d teacher in one pass   dW2 += dY H^T, db2 += rows(dY)   dH = relu'(W2^T dY)
 //   dW1 += dH X^T, db1 += rows(dH)       d student tile = W1^T dH

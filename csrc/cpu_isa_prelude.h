@@ -29,6 +29,5 @@
 #include "accumulation.h"
 #include "align_cpu.h"
 #include "align_fused.h"
-#include "align_math.h"
 #include "frskd_cpu.h"
 #include "frskd_fused.h"

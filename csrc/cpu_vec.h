@@ -19,6 +19,7 @@
 #include <type_traits>
 
 #include "accumulation.h"
+#include "math_policy.h"
 
 namespace ofdkern {
 namespace CPU_CAPABILITY {
@@ -28,6 +29,18 @@ using at::vec::Vectorized;
 
 template <typename acc_t>
 constexpr int64_t kWidth = Vectorized<acc_t>::size();
+
+// The vector policy of the per-element math headers (math_policy.h); pow is Sleef's, through at::vec.
+template <typename acc_t>
+struct VecMath {
+  using scalar = acc_t;
+  using value = Vectorized<acc_t>;
+  static value abs(const value& x) { return x.abs(); }
+  static value pow(const value& x, const value& p) { return x.pow(p); }
+  static value select(const value& mask, const value& if_true, const value& if_false) {
+    return value::blendv(if_false, if_true, mask);
+  }
+};
 
 // The first n (1 <= n <= width) elements at data, the other lanes set to fill.
 template <typename acc_t>
@@ -88,6 +101,14 @@ VectorPair<accumulation_t<scalar_t>> load_pair(const scalar_t* src, int64_t n) {
           n > width ? load_widened(src + width, n - width) : Vectorized<acc_t>(acc_t(0))};
 }
 
+// v with the lanes from n on zeroed (n >= 2 width: all of v).
+template <typename acc_t>
+VectorPair<acc_t> first_lanes(const VectorPair<acc_t>& v, int64_t n) {
+  constexpr int64_t width = kWidth<acc_t>;
+  return {first_lanes(v.low, std::min(n, width)),
+          n > width ? first_lanes(v.high, std::min(n - width, width)) : Vectorized<acc_t>(acc_t(0))};
+}
+
 // Stores the first n (1 <= n <= 2 width) lanes of v at dst, rounded to scalar_t. Half precision is narrowed
 // a Half vector (two accumulation vectors) at a time, which costs a quarter less than a vector at a time.
 template <typename scalar_t>
@@ -99,6 +120,32 @@ void store_pair(scalar_t* dst, const VectorPair<accumulation_t<scalar_t>>& v, in
     if (n > width) v.high.store(dst + width, n - width);
   } else {
     at::vec::convert_from_float<scalar_t>(v.low, v.high).store(dst, n);
+  }
+}
+
+// load_pair into vectors of acc_t, which need not be scalar_t's accumulation type (a float32 teacher of a
+// float64 computation): then element by element.
+template <typename acc_t, typename scalar_t>
+VectorPair<acc_t> load_pair_as(const scalar_t* src, int64_t n) {
+  if constexpr (std::is_same_v<accumulation_t<scalar_t>, acc_t>) {
+    return load_pair(src, n);
+  } else {
+    acc_t values[2 * kWidth<acc_t>] = {};
+    for (int64_t k = 0; k < n; ++k) values[k] = static_cast<acc_t>(src[k]);
+    return {Vectorized<acc_t>::loadu(values), Vectorized<acc_t>::loadu(values + kWidth<acc_t>)};
+  }
+}
+
+// store_pair from vectors of acc_t, likewise.
+template <typename scalar_t, typename acc_t>
+void store_pair_as(scalar_t* dst, const VectorPair<acc_t>& v, int64_t n) {
+  if constexpr (std::is_same_v<accumulation_t<scalar_t>, acc_t>) {
+    store_pair(dst, v, n);
+  } else {
+    acc_t values[2 * kWidth<acc_t>];
+    v.low.store(values);
+    v.high.store(values + kWidth<acc_t>);
+    for (int64_t k = 0; k < n; ++k) dst[k] = static_cast<scalar_t>(values[k]);
   }
 }
 
@@ -164,18 +211,6 @@ class OutputBlock {
 
  private:
   acc_t buffer_[kConverts ? kCapacity : 1];
-};
-
-// Up to kCapacity elements of an array updated in place, in the accumulation type: the data itself, or (half
-// precision) a widened copy that store() narrows back.
-template <typename scalar_t, int64_t kCapacity>
-class InPlaceBlock : public OutputBlock<scalar_t, kCapacity> {
- public:
-  accumulation_t<scalar_t>* load(scalar_t* data, int64_t n) {
-    accumulation_t<scalar_t>* values = this->data(data);
-    if constexpr (OutputBlock<scalar_t, kCapacity>::kConverts) widen(data, n, values);
-    return values;
-  }
 };
 
 }  // namespace

@@ -20,18 +20,6 @@ namespace ofdkern {
 namespace CPU_CAPABILITY {
 namespace {
 
-// The vector policy of frskd_math.h (Sleef's pow through at::vec; the kernels take Sleef's exp the same way).
-template <typename acc_t>
-struct VecMath {
-  using scalar = acc_t;
-  using value = Vectorized<acc_t>;
-  static value abs(const value& x) { return x.abs(); }
-  static value pow(const value& x, const value& p) { return x.pow(p); }
-  static value select(const value& mask, const value& if_true, const value& if_false) {
-    return value::blendv(if_false, if_true, mask);
-  }
-};
-
 // Classes per KD block: both logit blocks (2 x 16 KiB in fp32) stay in L1/L2 between the sweeps of a pass.
 constexpr int64_t kClassBlock = 4096;
 // Positions per attention tile when positions are innermost: one accumulator row stays in L1.

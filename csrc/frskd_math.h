@@ -1,8 +1,6 @@
-// Per-element math of the FRSKD losses (Ji et al., CVPR 2021), written once for the CPU kernels, which run it
-// on at::vec vectors (frskd_cpu_kernels.h), and for the CUDA kernels, which run it on scalars (frskd_cuda.cu).
-//
-// The functions take a math policy M: M::value is what they compute on (M::scalar, or a vector of it), and
-// M::abs / pow / select are its operations; comparisons of values give select's mask.
+// Per-element math of the FRSKD losses (Ji et al., CVPR 2021), written once (for a math policy, math_policy.h)
+// for the CPU kernels, which run it on at::vec vectors (frskd_cpu_kernels.h), and for the CUDA kernels, which
+// run it on scalars (frskd_cuda.cu).
 //
 // Attention transfer: the map of a feature is a = mean_c(f^p), F.normalize divides it by max(|a|, 1e-12), and
 // the loss of a sample is sum_j (u_s,j - u_t,j)^2 with u = a / max(|a|, eps).
@@ -23,25 +21,10 @@
 #include <type_traits>
 
 #include "accumulation.h"
+#include "math_policy.h"
 
 namespace ofdkern {
-// Internal linkage: the CPU kernels compile this header once per instruction set (frskd_cpu_<isa>.cpp), and
-// those copies must not be merged by the linker.
 namespace {
-
-// The scalar policy (CUDA kernels, and the per-row math of the CPU kernels).
-template <typename acc_t>
-struct ScalarMath {
-  using scalar = acc_t;
-  using value = acc_t;
-  static OFDKERN_HOST_DEVICE acc_t abs(acc_t x) { return std::abs(x); }
-  static OFDKERN_HOST_DEVICE acc_t pow(acc_t x, acc_t p) { return std::pow(x, p); }
-  // NaN-propagating, like torch.max.
-  static OFDKERN_HOST_DEVICE acc_t max(acc_t a, acc_t b) { return (a > b || a != a) ? a : b; }
-  static OFDKERN_HOST_DEVICE acc_t select(bool mask, acc_t if_true, acc_t if_false) {
-    return mask ? if_true : if_false;
-  }
-};
 
 template <typename acc_t>
 OFDKERN_HOST_DEVICE acc_t negative_infinity() {

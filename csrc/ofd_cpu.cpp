@@ -115,13 +115,13 @@ OFD_CPU_INLINE void ofd_run(const FusedPointers<scalar_t, acc_t>& p, int64_t beg
     acc_t* loss = p.loss_elems ? p.loss_elems + tile : nullptr;
     acc_t* d_m = p.grad_margin ? p.grad_margin + tile : nullptr;
     auto element = [&](int64_t k) {
-      const auto point = ofd_point<acc_t>(s[k], t[k], m[k * step]);
+      const auto point = ofd_point<ScalarMath<acc_t>>(s[k], t[k], m[k * step]);
       if constexpr (W::grad_student) d_s[k] = point.d_student;
       if constexpr (W::checked) {
         if (loss) loss[k] = point.loss;
         if (d_s) d_s[k] = point.d_student;
-        if (d_t) d_t[k] = teacher_grad(point.d_student, t[k], m[k * step]);
-        if (d_m) d_m[k] = margin_grad(point.d_student, t[k], m[k * step]);
+        if (d_t) d_t[k] = teacher_grad<ScalarMath<acc_t>>(point.d_student, t[k], m[k * step]);
+        if (d_m) d_m[k] = margin_grad<ScalarMath<acc_t>>(point.d_student, t[k], m[k * step]);
       }
       return point.loss;
     };

@@ -100,13 +100,15 @@ __device__ __forceinline__ void ofd_pack(const FusedPointers<scalar_t, acc_t>& p
       m = p.margin[cursor.channel];
     }
     const acc_t tv = static_cast<acc_t>(t.v[k]);
-    const auto point = ofd_point<acc_t>(static_cast<acc_t>(s.v[k]), tv, m);
+    const auto point = ofd_point<ScalarMath<acc_t>>(static_cast<acc_t>(s.v[k]), tv, m);
     if constexpr (writes(kOut, kElementwise)) loss.v[k] = point.loss;
     else sum += point.loss;
     if constexpr (writes(kOut, kGradStudent)) d_student.v[k] = static_cast<scalar_t>(point.d_student);
     if constexpr (writes(kOut, kGradTeacher))
-      d_teacher.v[k] = static_cast<scalar_t>(teacher_grad(point.d_student, tv, m));
-    if constexpr (writes(kOut, kGradMargin)) d_margin.v[k] = margin_grad(point.d_student, tv, m);
+      d_teacher.v[k] = static_cast<scalar_t>(teacher_grad<ScalarMath<acc_t>>(point.d_student, tv, m));
+    if constexpr (writes(kOut, kGradMargin)) {
+      d_margin.v[k] = margin_grad<ScalarMath<acc_t>>(point.d_student, tv, m);
+    }
   }
   if constexpr (writes(kOut, kElementwise)) *reinterpret_cast<Pack<acc_t, n>*>(p.loss_elems + offset) = loss;
   if constexpr (writes(kOut, kGradStudent))

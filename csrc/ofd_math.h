@@ -1,4 +1,5 @@
-// Per-element math of the OFD loss (Heo et al., ICCV 2019), shared by the CPU and CUDA kernels.
+// Per-element math of the OFD loss (Heo et al., ICCV 2019), written once (for a math policy, math_policy.h) for
+// the CPU kernels (scalars in ofd_cpu.cpp, at::vec vectors in the channel alignment's) and the CUDA kernels.
 //
 // Mirrors the reference `distillation_loss`:
 //   t' = max(t, m)                        (torch.maximum: NaN in either argument propagates)
@@ -8,48 +9,55 @@
 #pragma once
 
 #include "accumulation.h"
+#include "math_policy.h"
 
 namespace ofdkern {
+namespace {
 
-template <typename acc_t>
-OFDKERN_HOST_DEVICE acc_t margin_relu(acc_t t, acc_t m) {
+template <typename M, typename V = typename M::value>
+OFDKERN_HOST_DEVICE V margin_relu(const V& t, const V& m) {
   // t != t is true only for NaN: keep it, like torch.maximum does. Bitwise | (not ||) keeps the
   // math branch-free so the CPU loops vectorize and random data costs no mispredictions.
-  return ((t > m) | (t != t)) ? t : m;
+  return M::select((t > m) | (t != t), t, m);
 }
 
-template <typename acc_t>
-OFDKERN_HOST_DEVICE acc_t partial_l2_mask(acc_t s, acc_t t_prime) {
-  return static_cast<acc_t>((s > t_prime) | (t_prime > acc_t(0)));
+template <typename M, typename V = typename M::value>
+OFDKERN_HOST_DEVICE V partial_l2_mask(const V& s, const V& t_prime) {
+  using S = typename M::scalar;
+  return M::select((s > t_prime) | (t_prime > V(S(0))), V(S(1)), V(S(0)));
 }
 
-template <typename acc_t>
+template <typename V>
 struct OFDPoint {
-  acc_t loss;       // (s - t')^2 * mask
-  acc_t d_student;  // d loss / d s = 2 (s - t') * mask; d loss / d t' is its negation
+  V loss;       // (s - t')^2 * mask
+  V d_student;  // d loss / d s = 2 (s - t') * mask; d loss / d t' is its negation
 };
 
-template <typename acc_t>
-OFDKERN_HOST_DEVICE OFDPoint<acc_t> ofd_point(acc_t s, acc_t t, acc_t m) {
-  const acc_t t_prime = margin_relu(t, m);
-  const acc_t mask = partial_l2_mask(s, t_prime);
-  const acc_t diff = s - t_prime;
-  return OFDPoint<acc_t>{diff * diff * mask, acc_t(2) * diff * mask};
+template <typename M, typename V = typename M::value>
+OFDKERN_HOST_DEVICE OFDPoint<V> ofd_point(const V& s, const V& t, const V& m) {
+  using S = typename M::scalar;
+  const V t_prime = margin_relu<M>(t, m);
+  const V mask = partial_l2_mask<M>(s, t_prime);
+  const V diff = s - t_prime;
+  return OFDPoint<V>{diff * diff * mask, V(S(2)) * diff * mask};
 }
 
 // Share of d loss / d t' that reaches the teacher (masked_fill semantics: exactly 0 below the margin,
 // even when d_student is NaN or inf).
-template <typename acc_t>
-OFDKERN_HOST_DEVICE acc_t teacher_grad(acc_t d_student, acc_t t, acc_t m) {
-  const acc_t share = (t == m) ? -d_student * acc_t(0.5) : -d_student;
-  return (t < m) ? acc_t(0) : share;
+template <typename M, typename V = typename M::value>
+OFDKERN_HOST_DEVICE V teacher_grad(const V& d_student, const V& t, const V& m) {
+  using S = typename M::scalar;
+  const V share = M::select(t == m, -d_student * V(S(0.5)), -d_student);
+  return M::select(t < m, V(S(0)), share);
 }
 
 // Share of d loss / d t' that reaches the margin (exactly 0 above the margin).
-template <typename acc_t>
-OFDKERN_HOST_DEVICE acc_t margin_grad(acc_t d_student, acc_t t, acc_t m) {
-  const acc_t share = (t == m) ? -d_student * acc_t(0.5) : -d_student;
-  return (t > m) ? acc_t(0) : share;
+template <typename M, typename V = typename M::value>
+OFDKERN_HOST_DEVICE V margin_grad(const V& d_student, const V& t, const V& m) {
+  using S = typename M::scalar;
+  const V share = M::select(t == m, -d_student * V(S(0.5)), -d_student);
+  return M::select(t > m, V(S(0)), share);
 }
 
+}  // namespace
 }  // namespace ofdkern

@@ -5,7 +5,7 @@ from .distill import OFDDistiller, Tap, find_taps
 from .frskd import FRSKDLoss, SelfTeacher
 from .margins import DataMarginEstimator, margin_from_bn
 from .modules import ChannelAlign, Connector, OFDLoss
-from .ops import attention_transfer_loss, channel_align_loss, kd_loss, ofd_loss
+from .ops import attention_transfer_loss, channel_align_loss, kd_loss, ofd_loss, set_cpu_bfloat16_gemms
 
 __version__ = "0.1.0"
 
@@ -30,5 +30,6 @@ __all__ = [
     "margin_from_bn",
     "ofd_loss",
     "registered_ops",
+    "set_cpu_bfloat16_gemms",
     "set_cpu_buffer_cache_limit",
 ]

@@ -143,10 +143,18 @@ def test_wide_channels_over_several_tiles(batch, spatial, channels_last):
         check(inputs, margin.to(dtype), "sum", "cpu", rtol)
 
 
+@pytest.fixture(params=[False, True], ids=["fp32-gemms", "bf16-gemms"])
+def bfloat16_gemms(request):
+    """Each CPU GEMM path of bfloat16 channel alignment, whichever this CPU takes by default."""
+    previous = ofdkern.set_cpu_bfloat16_gemms(request.param)
+    yield request.param
+    ofdkern.set_cpu_bfloat16_gemms(previous)
+
+
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-def test_wide_channels_on_cpu_gemm_paths(channels_last):
+def test_wide_channels_on_cpu_gemm_paths(channels_last, bfloat16_gemms):
     # At these widths the fp32 GEMMs are large enough for oneDNN (MKL on Intel CPUs), the fp64 ones stay with
-    # BLAS, bf16 ones run in bf16 on CPUs with bf16 dot products: each is one single-threaded call per block, so
+    # BLAS, bf16 ones run in bf16 or in fp32 (bfloat16_gemms): each is one single-threaded call per block, so
     # the bits do not depend on the thread count; NaN and inf go through.
     for dtype in (torch.float32, torch.float64, torch.bfloat16):
         inputs = _wide_inputs(3, (40, 40), dtype, channels_last)
@@ -161,11 +169,31 @@ def test_wide_channels_on_cpu_gemm_paths(channels_last):
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-def test_bfloat16_at_real_widths_over_several_tiles(channels_last):
+def test_bfloat16_at_real_widths_over_several_tiles(channels_last, bfloat16_gemms):
     # 12 samples of 48x48: four tiles of 3 samples, so the weight gradients sum per-tile products (rounded to
     # bf16 where the GEMMs run in bf16) in fp32; every result at least as accurate as eager's bf16 path.
     inputs = _wide_inputs(12, (48, 48), torch.bfloat16, channels_last)
     assert_parity(op_cases.ALIGN.fused("cpu"), op_cases.ALIGN.reference, inputs, names=op_cases.ALIGN.names)
+
+
+def test_cpu_bfloat16_gemms_setting_switches_the_path():
+    inputs = _wide_inputs(2, (16, 16), torch.bfloat16, channels_last=False)
+
+    def run(enabled):
+        previous = ofdkern.set_cpu_bfloat16_gemms(enabled)
+        try:
+            loss = ofdkern.channel_align_loss(*inputs, backend="cpu")
+            return (loss, *torch.autograd.grad(loss, inputs))
+        finally:
+            assert ofdkern.set_cpu_bfloat16_gemms(previous) is enabled
+    in_bf16, in_fp32 = run(True), run(False)
+    # bf16 GEMMs round the hidden and projected features to bf16, fp32 ones keep them: other bits.
+    assert not all(torch.equal(a, b) for a, b in zip(in_bf16, in_fp32))
+    # The default (None) is one of the two, by the CPU's features.
+    default = run(None)
+    assert any(all(torch.equal(a, b) for a, b in zip(default, path)) for path in (in_bf16, in_fp32))
+    with pytest.raises(ValueError, match="enabled must be True, False or None"):
+        ofdkern.set_cpu_bfloat16_gemms("bf16")
 
 
 @needs_triton

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from .. import reference
-from .._backends import Backend, register_op, resolve
+from .._backends import Backend, has_kernel, register_op, resolve
 from .._dtypes import accumulation_dtype, result_dtype
 from .._layout import walkable
 from .._validation import check_channel_align_args
@@ -28,6 +28,22 @@ from ._common import autocast_loss, autocast_off, divide_by_count, reduction_cou
 
 ALIGN = register_op("channel_align_loss", cpu=Backend(("ofdkern::align_fused",)),
                     cuda=Backend(("ofdkern::align_fused",)), triton=Backend())
+
+
+_BFLOAT16_GEMM_MODES = {None: -1, False: 0, True: 1}
+
+
+def set_cpu_bfloat16_gemms(enabled: bool | None) -> bool | None:
+    """Whether the "cpu" backend runs the GEMMs of bfloat16 channel alignment in bfloat16 (True) or in float32
+    on converted tiles (False). None, the default: in bfloat16 only on CPUs where those GEMMs are the faster
+    ones (Intel CPUs with AMX; other CPUs with AVX512-BF16). Returns the previous setting; changes nothing
+    (and returns None) where the C++ CPU kernels are not built."""
+    if enabled not in _BFLOAT16_GEMM_MODES:
+        raise ValueError(f"set_cpu_bfloat16_gemms: enabled must be True, False or None, got {enabled!r}")
+    if not has_kernel("cpu", "ofdkern::align_fused"):
+        return None
+    previous = torch.ops.ofdkern.set_cpu_bfloat16_gemms(_BFLOAT16_GEMM_MODES[enabled])
+    return {mode: setting for setting, mode in _BFLOAT16_GEMM_MODES.items()}[previous]
 
 
 def _compute_dtype(student, teacher, w1, b1, w2, b2) -> torch.dtype:
