@@ -19,6 +19,9 @@ struct FrskdCpuKernels {
   // feature as above; grad: allocated with feature's strides.
   void (*attention_map_backward)(const at::Tensor& feature, const at::Tensor& grad_map, double p,
                                  const at::Tensor& grad);
+  // The map math of attention_transfer_maps: checked maps, allocated outputs (gradients empty when not asked).
+  void (*attention_transfer_maps)(const at::Tensor& map_student, const at::Tensor& map_teacher,
+                                  const AttentionMapsOutputs& outputs);
   // Logits of N > 0 rows of K > 0 classes.
   void (*kd)(const at::Tensor& student, const at::Tensor& teacher, double temperature, const KDOutputs& outputs);
 };

@@ -468,6 +468,69 @@ void attention_map_backward_typed(const at::Tensor& feature, const at::Tensor& g
   }
 }
 
+// One sample's maps: three sweeps over its S positions (the norms; the normalized difference with the loss and
+// the two projections; the gradients), each summing in the lanes of a vector, then over the lanes in order.
+template <typename acc_t>
+void attention_maps_row(const acc_t* map_s, const acc_t* map_t, int64_t positions, acc_t* loss, acc_t* grad_s,
+                        acc_t* grad_t) {
+  using Vec = Vectorized<acc_t>;
+  using M = VecMath<acc_t>;
+  constexpr int64_t width = Vec::size();
+  // Lanes past the row load as 0 (u = 0, diff = 0): they add nothing.
+  Vec squares_s(acc_t(0)), squares_t(acc_t(0));
+  for (int64_t j = 0; j < positions; j += width) {
+    const int64_t n = std::min(width, positions - j);
+    const Vec a_s = Vec::loadu(map_s + j, n), a_t = Vec::loadu(map_t + j, n);
+    squares_s += a_s * a_s;
+    squares_t += a_t * a_t;
+  }
+  const acc_t norm_s = std::sqrt(lane_sum(squares_s)), norm_t = std::sqrt(lane_sum(squares_t));
+  const Vec divisor_s(normalize_divisor(norm_s)), divisor_t(normalize_divisor(norm_t));
+  const auto unit_maps = [&](int64_t j, int64_t n) {
+    return std::pair<Vec, Vec>{Vec::loadu(map_s + j, n) / divisor_s, Vec::loadu(map_t + j, n) / divisor_t};
+  };
+  Vec total(acc_t(0)), dot_s(acc_t(0)), dot_t(acc_t(0));
+  for (int64_t j = 0; j < positions; j += width) {
+    const auto [u_s, u_t] = unit_maps(j, std::min(width, positions - j));
+    const Vec diff = u_s - u_t;
+    total += diff * diff;
+    dot_s += u_s * diff;
+    dot_t += u_t * diff;
+  }
+  *loss = lane_sum(total);
+  if (!grad_s && !grad_t) return;
+  // d total / d u_s = 2 diff, d total / d u_t = -2 diff.
+  const Vec two(acc_t(2)), minus_two(acc_t(-2));
+  const Vec two_dot_s(acc_t(2) * lane_sum(dot_s)), minus_two_dot_t(acc_t(-2) * lane_sum(dot_t));
+  for (int64_t j = 0; j < positions; j += width) {
+    const int64_t n = std::min(width, positions - j);
+    const auto [u_s, u_t] = unit_maps(j, n);
+    const Vec diff = u_s - u_t;
+    if (grad_s) normalize_grad<M>(two * diff, u_s, two_dot_s, Vec(norm_s)).store(grad_s + j, n);
+    if (grad_t) normalize_grad<M>(minus_two * diff, u_t, minus_two_dot_t, Vec(norm_t)).store(grad_t + j, n);
+  }
+}
+
+void attention_transfer_maps_kernel(const at::Tensor& map_student, const at::Tensor& map_teacher,
+                                    const AttentionMapsOutputs& outputs) {
+  const int64_t batch = map_student.size(0), positions = map_student.size(1);
+  AT_DISPATCH_FLOATING_TYPES(map_student.scalar_type(), "attention_transfer_maps_cpu", [&] {
+    const scalar_t* map_s = map_student.const_data_ptr<scalar_t>();
+    const scalar_t* map_t = map_teacher.const_data_ptr<scalar_t>();
+    scalar_t* loss = std::get<0>(outputs).mutable_data_ptr<scalar_t>();
+    scalar_t* grad_s = std::get<1>(outputs).numel() ? std::get<1>(outputs).mutable_data_ptr<scalar_t>() : nullptr;
+    scalar_t* grad_t = std::get<2>(outputs).numel() ? std::get<2>(outputs).mutable_data_ptr<scalar_t>() : nullptr;
+    const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(positions, 1));
+    at::parallel_for(0, batch, grain, [&](int64_t first, int64_t last) {
+      for (int64_t n = first; n < last; ++n) {
+        const int64_t offset = n * positions;
+        attention_maps_row(map_s + offset, map_t + offset, positions, loss + n, grad_s ? grad_s + offset : nullptr,
+                           grad_t ? grad_t + offset : nullptr);
+      }
+    });
+  });
+}
+
 void attention_map_kernel(const at::Tensor& feature, double p, const at::Tensor& map) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feature.scalar_type(), "attention_map_cpu", [&] {
     with_attention_exponent(p, [&](auto kind) { attention_map_typed<scalar_t, kind>(feature, p, map); });
@@ -486,7 +549,8 @@ void attention_map_backward_kernel(const at::Tensor& feature, const at::Tensor& 
 
 }  // namespace
 
-const FrskdCpuKernels kFrskdCpuKernels{&attention_map_kernel, &attention_map_backward_kernel, &kd_kernel};
+const FrskdCpuKernels kFrskdCpuKernels{&attention_map_kernel, &attention_map_backward_kernel,
+                                       &attention_transfer_maps_kernel, &kd_kernel};
 
 }  // namespace CPU_CAPABILITY
 }  // namespace ofdkern

@@ -219,6 +219,7 @@ template <typename acc_t>
 __global__ void __launch_bounds__(kThreads)
     attention_maps_kernel(const acc_t* map_student, const acc_t* map_teacher, int64_t positions, acc_t* row_loss,
                           acc_t* grad_student, acc_t* grad_teacher) {
+  using M = ScalarMath<acc_t>;
   const int64_t offset = static_cast<int64_t>(blockIdx.x) * positions;
   const acc_t* a_s = map_student + offset;
   const acc_t* a_t = map_teacher + offset;
@@ -247,8 +248,8 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t j = threadIdx.x; j < positions; j += kThreads) {
     const acc_t u_s = a_s[j] / divisor_s, u_t = a_t[j] / divisor_t;
     const acc_t diff = u_s - u_t;
-    if (grad_student) grad_student[offset + j] = normalize_grad(acc_t(2) * diff, u_s, acc_t(2) * dot_s, norm_s);
-    if (grad_teacher) grad_teacher[offset + j] = normalize_grad(acc_t(-2) * diff, u_t, acc_t(-2) * dot_t, norm_t);
+    if (grad_student) grad_student[offset + j] = normalize_grad<M>(acc_t(2) * diff, u_s, acc_t(2) * dot_s, norm_s);
+    if (grad_teacher) grad_teacher[offset + j] = normalize_grad<M>(acc_t(-2) * diff, u_t, acc_t(-2) * dot_t, norm_t);
   }
 }
 

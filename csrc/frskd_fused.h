@@ -13,6 +13,12 @@
 //       outputs). row_loss: (N,) per sample sum_j (u_s,j - u_t,j)^2 with u = map / max(|map|, 1e-12) (the
 //       norm over j; F.normalize). The gradients are those of sum(row_loss) wrt the maps, or empty when not
 //       asked.
+//   attention_transfer_forward(Tensor student, Tensor teacher, float p, int count)
+//       -> (Tensor loss, Tensor grad_map_student, Tensor grad_map_teacher)
+//       student, teacher: (N, C, S) features as attention_map takes them, with equal N and S (the channel counts
+//       may differ). The composite of the three ops above on the features' device: loss is the sum of the row
+//       losses divided by count (as is for count 1), 0-dim in the features' promoted dtype; the gradients are
+//       those of the summed row losses wrt each map, in its map's dtype.
 //   kd_fused(Tensor student, Tensor teacher, float temperature, bool grad_student, bool grad_teacher)
 //       -> (Tensor row_loss, Tensor grad_student, Tensor grad_teacher)
 //       student, teacher: contiguous (N, K) logits of one dtype. row_loss: (N,) KL * T^2 per row in the
@@ -94,6 +100,15 @@ inline at::Tensor allocate_attention_feature_grad(const at::Tensor& feature, con
 }
 
 using AttentionMapsOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+
+inline void check_attention_transfer_features(const at::Tensor& student, const at::Tensor& teacher) {
+  TORCH_CHECK_VALUE(student.dim() == 3 && teacher.dim() == 3 && student.size(0) == teacher.size(0) &&
+                        student.size(2) == teacher.size(2),
+                    "attention_transfer_forward: student and teacher must be (N, C, S) with equal N and S, got "
+                    "shapes ", student.sizes(), " and ", teacher.sizes());
+  TORCH_CHECK_VALUE(student.device() == teacher.device(),
+                    "attention_transfer_forward: student and teacher must be on one device");
+}
 
 inline AttentionMapsOutputs allocate_attention_maps_outputs(const at::Tensor& map_student,
                                                             const at::Tensor& map_teacher, bool grad_student,

@@ -72,9 +72,11 @@ OFDKERN_HOST_DEVICE acc_t normalize_divisor(acc_t norm) {
 
 // d/d a_j of <g, a / max(|a|, eps)> as autograd takes it through F.normalize: the projection off the map's
 // direction u, (g_j - u_j <g, u>) / |a|, where |a| >= eps; g_j / eps below (the clamp passes no gradient).
-template <typename acc_t>
-OFDKERN_HOST_DEVICE acc_t normalize_grad(acc_t g, acc_t u, acc_t g_dot_u, acc_t norm) {
-  return norm >= acc_t(kNormalizeEps) ? (g - u * g_dot_u) / norm : g / acc_t(kNormalizeEps);
+template <typename M, typename V = typename M::value>
+OFDKERN_HOST_DEVICE V normalize_grad(const V& g, const V& u, const V& g_dot_u, const V& norm) {
+  using S = typename M::scalar;
+  const V eps(static_cast<S>(kNormalizeEps));
+  return M::select(norm >= eps, (g - u * g_dot_u) / norm, g / eps);
 }
 
 // --- KD -----------------------------------------------------------------------------------------------------

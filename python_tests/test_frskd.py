@@ -479,6 +479,37 @@ def test_attention_transfer_maps_op(device, backend):
                     assert grad.numel() == 0
 
 
+def forward_op(backend):
+    if backend == "triton":
+        from ofdkern.kernels import frskd_triton
+        return frskd_triton.attention_transfer_forward
+    return torch.ops.ofdkern.attention_transfer_forward
+
+
+@pytest.mark.parametrize("device,backend", BACKEND_CASES)
+def test_attention_transfer_forward_op(device, backend):
+    # The composite the op's forward calls: both maps, their math, the summed loss over the count in the
+    # features' promoted dtype, and the map gradients (of the undivided sum) in each map's dtype. A float64
+    # student against a float32 teacher of other channels: the maps' math runs in float64.
+    gen = torch.Generator().manual_seed(3)
+    student = torch.randn(3, 5, 37, generator=gen, dtype=torch.float64).to(device)
+    teacher = torch.randn(3, 4, 37, generator=gen).to(device)
+    leaves = [f.detach().double().requires_grad_() for f in (student, teacher)]
+    maps = [f.pow(2).mean(1).detach().requires_grad_() for f in leaves]
+    total = (F.normalize(maps[0]) - F.normalize(maps[1])).pow(2).sum()
+    want_grads = torch.autograd.grad(total, maps)
+    for count in (1, 3 * 37):
+        loss, grad_student, grad_teacher = forward_op(backend)(student, teacher, 2.0, count)
+        assert loss.dtype == torch.float64 and loss.dim() == 0
+        torch.testing.assert_close(loss, total.detach() / count, rtol=1e-6, atol=0)
+        assert (grad_student.dtype, grad_teacher.dtype) == (torch.float64, torch.float32)
+        for grad, want in zip((grad_student, grad_teacher), want_grads):
+            scale = want.abs().max().item()
+            torch.testing.assert_close(grad.double() / scale, want / scale, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="equal N and S"):
+        forward_op(backend)(student, teacher[:, :, :5], 2.0, 1)
+
+
 def test_attention_transfer_maps_bad_inputs():
     op = torch.ops.ofdkern.attention_transfer_maps
     m = torch.rand(2, 5)

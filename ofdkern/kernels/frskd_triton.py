@@ -256,6 +256,23 @@ def attention_transfer_maps(map_student: torch.Tensor, map_teacher: torch.Tensor
     return row_loss, grad_s, grad_t
 
 
+def attention_transfer_forward(student: torch.Tensor, teacher: torch.Tensor, p: float, count: int):
+    """Both maps, their math and the loss over ``count``, as the C++ composite of csrc/frskd_op.cpp."""
+    if (student.dim() != 3 or teacher.dim() != 3 or student.shape[0] != teacher.shape[0]
+            or student.shape[2] != teacher.shape[2]):
+        raise ValueError(f"attention_transfer_forward: student and teacher must be (N, C, S) with equal N and S, "
+                         f"got shapes {tuple(student.shape)} and {tuple(teacher.shape)}")
+    map_student, map_teacher = attention_map(student, p), attention_map(teacher, p)
+    dtype = torch.promote_types(map_student.dtype, map_teacher.dtype)
+    row_loss, grad_student, grad_teacher = attention_transfer_maps(map_student.to(dtype), map_teacher.to(dtype),
+                                                                   True, True)
+    loss = row_loss.sum()
+    if count != 1:
+        loss = loss / count
+    return (loss.to(torch.promote_types(student.dtype, teacher.dtype)), grad_student.to(map_student.dtype),
+            grad_teacher.to(map_teacher.dtype))
+
+
 # --- KD ---------------------------------------------------------------------------------------------------
 
 @triton.jit

@@ -66,7 +66,7 @@ def refuse_double_backward(op_name: str) -> None:
                            f"(create_graph=True); use backend='reference'")
 
 
-def _tracing() -> bool:
+def tracing() -> bool:
     """torch.compile, or a dispatch mode such as make_fx or fake tensors: the traced graph must stay
     functional and see only ops (no raw kernel launches)."""
     return torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
@@ -77,7 +77,7 @@ def graph_dies_with_this_backward() -> bool:
     buffers are then used for the last time and may be scaled in place. A retained graph (gradcheck, a second
     backward) needs them intact; so does tracing, and a torch without the query."""
     keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
-    return keep_graph is not None and not _tracing() and not keep_graph()
+    return keep_graph is not None and not tracing() and not keep_graph()
 
 
 def _scale_on_device_(gradient: torch.Tensor, factor: torch.Tensor, backend: str) -> torch.Tensor:
@@ -111,7 +111,7 @@ def scale_saved_gradient(buffer: torch.Tensor, scale: torch.Tensor, dtype: torch
         # weight-sized temporary fewer.
         product = buffer.mul_(scale) if in_place and product_dtype == buffer.dtype else buffer * scale
         return product.to(dtype)
-    if _tracing():
+    if tracing():
         # One rounding, like the device kernels; inductor fuses it into one pass.
         acc = accumulation_dtype(dtype)
         return (buffer.to(acc) * scale.to(acc)).to(dtype)

@@ -1,9 +1,9 @@
 """The fused FRSKD losses (Ji et al., CVPR 2021) as torch.library custom ops: attention transfer between
 feature maps and soft-label KD between logits.
 
-Attention transfer: the forward kernel reads each feature map once and writes only its (N, positions)
-attention map; normalization, loss and the map gradients run on those small maps; the backward kernel reads
-each feature once more to write its gradient. KD: one kernel per row computes the loss with an online
+Attention transfer: the forward reads each feature map once and writes only its (N, positions) attention
+map; normalization, loss and the map gradients run on those small maps (one call of the backend's
+attention_transfer_forward); the backward kernel reads each feature once more to write its gradient. KD: one kernel per row computes the loss with an online
 max/sum and writes the logit gradients in the same call, so backward only scales them.
 """
 from __future__ import annotations
@@ -19,9 +19,10 @@ from .._backends import Backend, register_op, resolve
 from .._dtypes import accumulation_dtype, result_dtype
 from .._layout import as_positions
 from .._validation import check_attention_transfer_args, check_kd_args
-from ._autograd import backward_scale, input_gradient, setup_scaled_backward
+from ._autograd import backward_scale, input_gradient, setup_scaled_backward, tracing
 from ._common import autocast_loss, autocast_off, divide_by_count, reduction_count
 
+# What attention_transfer_forward (a composite, csrc/frskd_op.cpp) and the backward run on the device.
 _ATTENTION_KERNELS = ("ofdkern::attention_map", "ofdkern::attention_map_backward", "ofdkern::attention_transfer_maps")
 ATTENTION_TRANSFER = register_op("attention_transfer_loss", cpu=Backend(_ATTENTION_KERNELS),
                                  cuda=Backend(_ATTENTION_KERNELS), triton=Backend())
@@ -31,9 +32,8 @@ KD = register_op("kd_loss", cpu=Backend(("ofdkern::kd_fused",)), cuda=Backend(("
 
 class _Kernels(NamedTuple):
     """A backend's FRSKD kernels, with the contracts of csrc/frskd_fused.h."""
-    attention_map: Callable
+    attention_transfer_forward: Callable
     attention_map_backward: Callable
-    attention_transfer_maps: Callable
     kd_fused: Callable
 
 
@@ -41,20 +41,12 @@ def _kernels(backend: str) -> _Kernels:
     if backend == "triton":
         from ..kernels import frskd_triton
 
-        return _Kernels(frskd_triton.attention_map, frskd_triton.attention_map_backward,
-                        frskd_triton.attention_transfer_maps, frskd_triton.kd_fused)
+        return _Kernels(frskd_triton.attention_transfer_forward, frskd_triton.attention_map_backward,
+                        frskd_triton.kd_fused)
     # "cpu" and "cuda" are the C++ ops; the tensors' device picks the kernel.
     ops = torch.ops.ofdkern
-    return _Kernels(ops.attention_map.default, ops.attention_map_backward.default,
-                    ops.attention_transfer_maps.default, ops.kd_fused.default)
-
-
-def _attention_transfer_on_maps(map_student: torch.Tensor, map_teacher: torch.Tensor, backend: str):
-    """Sum of squared differences of the normalized maps and its gradients wrt both maps (one fused kernel)."""
-    dtype = result_dtype(map_student, map_teacher)
-    row_loss, grad_student, grad_teacher = _kernels(backend).attention_transfer_maps(
-        map_student.to(dtype), map_teacher.to(dtype), True, True)
-    return row_loss.sum(), grad_student.to(map_student.dtype), grad_teacher.to(map_teacher.dtype)
+    return _Kernels(ops.attention_transfer_forward.default, ops.attention_map_backward.default,
+                    ops.kd_fused.default)
 
 
 @torch.library.custom_op("ofdkern::attention_transfer_fused", mutates_args=())
@@ -63,13 +55,10 @@ def attention_transfer_fused(f_student: torch.Tensor, f_teacher: torch.Tensor, p
                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (loss, d loss/d student map, d loss/d teacher map); the map gradients are for a unit upstream
     gradient without the reduction's scaling, as (N, positions) tensors in the accumulation dtypes."""
+    count = reduction_count(torch.Size((f_student.shape[0], math.prod(f_student.shape[2:]))), reduction)
     with autocast_off(f_student.device):
-        attention_map = _kernels(backend).attention_map
-        map_student = attention_map(as_positions(f_student), p)
-        map_teacher = attention_map(as_positions(f_teacher), p)
-        total, grad_student, grad_teacher = _attention_transfer_on_maps(map_student, map_teacher, backend)
-        loss = divide_by_count(total, reduction_count(map_student.shape, reduction))
-        return loss.to(result_dtype(f_student, f_teacher)), grad_student, grad_teacher
+        return _kernels(backend).attention_transfer_forward(as_positions(f_student), as_positions(f_teacher), p,
+                                                            count)
 
 
 @attention_transfer_fused.register_fake
@@ -83,12 +72,17 @@ def _(f_student, f_teacher, p, reduction, backend, in_place_backward):
     return loss, map_like(f_student), map_like(f_teacher)
 
 
-@torch.library.custom_op("ofdkern::attention_map_grad", mutates_args=())
-def attention_map_grad(feature: torch.Tensor, grad_map: torch.Tensor, p: float, backend: str) -> torch.Tensor:
+def _feature_gradient(feature: torch.Tensor, grad_map: torch.Tensor, p: float, backend: str) -> torch.Tensor:
     """d <grad_map, attention map of feature> / d feature: one more read of the feature."""
     with autocast_off(feature.device):
         attention_map_backward = _kernels(backend).attention_map_backward
         return attention_map_backward(as_positions(feature), grad_map.contiguous(), p).view(feature.shape)
+
+
+@torch.library.custom_op("ofdkern::attention_map_grad", mutates_args=())
+def attention_map_grad(feature: torch.Tensor, grad_map: torch.Tensor, p: float, backend: str) -> torch.Tensor:
+    """``_feature_gradient`` as an op of its own, for traced backward graphs."""
+    return _feature_gradient(feature, grad_map, p, backend)
 
 
 @attention_map_grad.register_fake
@@ -115,9 +109,11 @@ def _attention_backward(ctx, grad_loss, *_unused):
     *grad_maps, f_student, f_teacher = ctx.saved_tensors
     for index, (feature, grad_map) in enumerate(zip((f_student, f_teacher), grad_maps)):
         if ctx.needs_input_grad[index]:
-            # The (N, positions) map gradient is scaled; the feature gradient is then written once.
-            grads[index] = attention_map_grad(feature, input_gradient(ctx, index, grad_map, scale), ctx.p,
-                                              ctx.backend)
+            # The (N, positions) map gradient is scaled; the feature gradient is then written once. A traced
+            # graph records the custom op; eager calls the kernel without the op's dispatch.
+            feature_gradient = attention_map_grad if tracing() else _feature_gradient
+            grads[index] = feature_gradient(feature, input_gradient(ctx, index, grad_map, scale), ctx.p,
+                                            ctx.backend)
     return tuple(grads)
 
 
