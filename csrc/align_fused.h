@@ -184,7 +184,7 @@ AlignOutputs align_fused(const at::Tensor& student, const at::Tensor& teacher, c
   // The ATen ops below are this kernel's own: autograd must not record them (the op's autograd lives in
   // Python), nor autocast cast them (custom ops fall through it, so its state is still on here). Work that
   // runs on worker threads, which these guards do not reach, sees only detached tensors.
-  const at::AutoDispatchBelowAutograd below_autograd;
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   AlignProblem p;
   p.student = align_feature(student.detach(), "student");
