@@ -454,11 +454,12 @@ def attention_maps_expected(map_student, map_teacher):
     return (row_loss.detach(), *torch.autograd.grad(row_loss.sum(), leaves))
 
 
-def maps_op(backend):
+def frskd_op(backend, name):
+    """The backend's entry point ``name`` (the contracts of csrc/frskd_fused.h)."""
     if backend == "triton":
         from ofdkern.kernels import frskd_triton
-        return frskd_triton.attention_transfer_maps
-    return torch.ops.ofdkern.attention_transfer_maps
+        return getattr(frskd_triton, name)
+    return getattr(torch.ops.ofdkern, name)
 
 
 @pytest.mark.parametrize("device,backend", BACKEND_CASES)
@@ -469,7 +470,7 @@ def test_attention_transfer_maps_op(device, backend):
         maps[0][2] = 0  # norm below F.normalize's eps: the gradient divides by eps
         expected = attention_maps_expected(*maps)
         for grad_student, grad_teacher in ((True, True), (True, False), (False, True), (False, False)):
-            got = maps_op(backend)(*maps, grad_student, grad_teacher)
+            got = frskd_op(backend, "attention_transfer_maps")(*maps, grad_student, grad_teacher)
             torch.testing.assert_close(got[0], expected[0], rtol=tol, atol=tol)
             for wanted, grad, want in zip((grad_student, grad_teacher), got[1:], expected[1:]):
                 if wanted:
@@ -477,13 +478,6 @@ def test_attention_transfer_maps_op(device, backend):
                     torch.testing.assert_close(grad / scale, want / scale, rtol=tol, atol=tol)
                 else:
                     assert grad.numel() == 0
-
-
-def forward_op(backend):
-    if backend == "triton":
-        from ofdkern.kernels import frskd_triton
-        return frskd_triton.attention_transfer_forward
-    return torch.ops.ofdkern.attention_transfer_forward
 
 
 @pytest.mark.parametrize("device,backend", BACKEND_CASES)
@@ -494,20 +488,18 @@ def test_attention_transfer_forward_op(device, backend):
     gen = torch.Generator().manual_seed(3)
     student = torch.randn(3, 5, 37, generator=gen, dtype=torch.float64).to(device)
     teacher = torch.randn(3, 4, 37, generator=gen).to(device)
-    leaves = [f.detach().double().requires_grad_() for f in (student, teacher)]
-    maps = [f.pow(2).mean(1).detach().requires_grad_() for f in leaves]
-    total = (F.normalize(maps[0]) - F.normalize(maps[1])).pow(2).sum()
-    want_grads = torch.autograd.grad(total, maps)
+    row_loss, *want_grads = attention_maps_expected(*(f.double().pow(2).mean(1) for f in (student, teacher)))
+    forward = frskd_op(backend, "attention_transfer_forward")
     for count in (1, 3 * 37):
-        loss, grad_student, grad_teacher = forward_op(backend)(student, teacher, 2.0, count)
+        loss, grad_student, grad_teacher = forward(student, teacher, 2.0, count)
         assert loss.dtype == torch.float64 and loss.dim() == 0
-        torch.testing.assert_close(loss, total.detach() / count, rtol=1e-6, atol=0)
+        torch.testing.assert_close(loss, row_loss.sum() / count, rtol=1e-6, atol=0)
         assert (grad_student.dtype, grad_teacher.dtype) == (torch.float64, torch.float32)
         for grad, want in zip((grad_student, grad_teacher), want_grads):
             scale = want.abs().max().item()
             torch.testing.assert_close(grad.double() / scale, want / scale, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="equal N and S"):
-        forward_op(backend)(student, teacher[:, :, :5], 2.0, 1)
+        forward(student, teacher[:, :, :5], 2.0, 1)
 
 
 def test_attention_transfer_maps_bad_inputs():
