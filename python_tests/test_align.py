@@ -192,8 +192,9 @@ def test_cpu_bfloat16_gemms_setting_switches_the_path():
     # The default (None) is one of the two, by the CPU's features.
     default = run(None)
     assert any(all(torch.equal(a, b) for a, b in zip(default, path)) for path in (in_bf16, in_fp32))
-    with pytest.raises(ValueError, match="enabled must be True, False or None"):
-        ofdkern.set_cpu_bfloat16_gemms("bf16")
+    for bad in ("bf16", 1):
+        with pytest.raises(ValueError, match="enabled must be True, False or None"):
+            ofdkern.set_cpu_bfloat16_gemms(bad)
 
 
 @needs_triton

@@ -3,8 +3,9 @@ feature maps and soft-label KD between logits.
 
 Attention transfer: the forward reads each feature map once and writes only its (N, positions) attention
 map; normalization, loss and the map gradients run on those small maps (one call of the backend's
-attention_transfer_forward); the backward kernel reads each feature once more to write its gradient. KD: one kernel per row computes the loss with an online
-max/sum and writes the logit gradients in the same call, so backward only scales them.
+attention_transfer_forward); the backward kernel reads each feature once more to write its gradient. KD: one
+kernel per row computes the loss with an online max/sum and writes the logit gradients in the same call, so
+backward only scales them.
 """
 from __future__ import annotations
 
