@@ -141,9 +141,9 @@ double loss_typed(const AlignProblem& p, const TileBuffer& y, const TileColumns&
       for (int64_t i = 0; i < samples; ++i) {
         const int64_t offset = i * t_tile.stride(0) + c * t_tile.stride(1);
         loss_run<kOFD, kGradTeacher, false, acc_t>(dy + c * row_stride + i * positions, t + offset,
-                                            kGradTeacher ? d_t + offset : nullptr, positions, bias + c,
-                                            kOFD ? margin + c : nullptr, loss, bias_grads ? &bias_sum : nullptr,
-                                            nullptr);
+                                                   kGradTeacher ? d_t + offset : nullptr, positions, bias + c,
+                                                   kOFD ? margin + c : nullptr, loss,
+                                                   bias_grads ? &bias_sum : nullptr, nullptr);
       }
       if (bias_grads) bias_grads[c] += pair_sum(bias_sum);
     }
@@ -151,8 +151,8 @@ double loss_typed(const AlignProblem& p, const TileBuffer& y, const TileColumns&
     // Channels innermost: the block is one contiguous run of pixels in the buffer and in the teacher.
     for (int64_t q = 0; q < samples * positions; ++q) {
       loss_run<kOFD, kGradTeacher, true, acc_t>(dy + q * channels, t + q * channels,
-                                         kGradTeacher ? d_t + q * channels : nullptr, channels, bias, margin, loss,
-                                         nullptr, bias_grads);
+                                                kGradTeacher ? d_t + q * channels : nullptr, channels, bias,
+                                                margin, loss, nullptr, bias_grads);
     }
   }
   return static_cast<double>(pair_sum(loss));

@@ -66,7 +66,9 @@ __global__ void __launch_bounds__(kThreads)
     const acc_t m = kOFD ? margin[c] : acc_t(0);
     const auto point = align_point<kOFD, M>(static_cast<acc_t>(y[i]) + bias[c], tv, m);
     y[i] = static_cast<gemm_t>(point.d_student);
-    if constexpr (kGradTeacher) d_t[offset] = static_cast<teacher_t>(align_teacher_grad<kOFD, M>(point.d_student, tv, m));
+    if constexpr (kGradTeacher) {
+      d_t[offset] = static_cast<teacher_t>(align_teacher_grad<kOFD, M>(point.d_student, tv, m));
+    }
     sum += point.loss;
   }
   sum = block_sum(sum);

@@ -182,9 +182,10 @@ AlignOutputs align_fused(const at::Tensor& student, const at::Tensor& teacher, c
                          const std::optional<at::Tensor>& margin, bool grad_student, bool grad_teacher,
                          bool grad_weights) {
   // The ATen ops below are this kernel's own: autograd must not record them (the op's autograd lives in
-  // Python), nor autocast cast them (custom ops fall through it, so its state is still on here). Work that
-  // runs on worker threads, which these guards do not reach, sees only detached tensors.
-  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  // Python), nor track their views and in-place updates, nor autocast cast them (custom ops fall through it,
+  // so its state is still on here). Work that runs on worker threads, which these guards do not reach, sees
+  // only detached tensors.
+  const at::AutoDispatchBelowADInplaceOrView below_autograd_and_views;
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   AlignProblem p;
   p.student = align_feature(student.detach(), "student");

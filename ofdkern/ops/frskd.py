@@ -50,13 +50,18 @@ def _kernels(backend: str) -> _Kernels:
                     ops.kd_fused.default)
 
 
+def _map_shape(feature: torch.Tensor) -> torch.Size:
+    """(N, positions): the shape of a feature's attention map."""
+    return torch.Size((feature.shape[0], math.prod(feature.shape[2:])))
+
+
 @torch.library.custom_op("ofdkern::attention_transfer_fused", mutates_args=())
 def attention_transfer_fused(f_student: torch.Tensor, f_teacher: torch.Tensor, p: float, reduction: str,
                              backend: str, in_place_backward: bool
                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (loss, d loss/d student map, d loss/d teacher map); the map gradients are for a unit upstream
     gradient without the reduction's scaling, as (N, positions) tensors in the accumulation dtypes."""
-    count = reduction_count(torch.Size((f_student.shape[0], math.prod(f_student.shape[2:]))), reduction)
+    count = reduction_count(_map_shape(f_student), reduction)
     with autocast_off(f_student.device):
         return _kernels(backend).attention_transfer_forward(as_positions(f_student), as_positions(f_teacher), p,
                                                             count)
@@ -64,10 +69,8 @@ def attention_transfer_fused(f_student: torch.Tensor, f_teacher: torch.Tensor, p
 
 @attention_transfer_fused.register_fake
 def _(f_student, f_teacher, p, reduction, backend, in_place_backward):
-    positions = math.prod(f_student.shape[2:])
-
     def map_like(feature):
-        return feature.new_empty((feature.shape[0], positions), dtype=accumulation_dtype(feature.dtype))
+        return feature.new_empty(_map_shape(feature), dtype=accumulation_dtype(feature.dtype))
 
     loss = f_student.new_empty((), dtype=result_dtype(f_student, f_teacher))
     return loss, map_like(f_student), map_like(f_teacher)
