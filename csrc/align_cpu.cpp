@@ -8,8 +8,11 @@
 // kMinBlockColumns pixels (more at few channels, see kBlockBytes): an even number of nearly equal blocks where
 // there is enough to cut, so that two threads share them evenly.
 // The forward and the backward down to dH run block by block, each block's GEMMs followed at once by their
-// elementwise pass while the block is in cache; then the weight gradients (GEMMs over all of the tile's pixels,
-// cut into blocks of rows); then d student, block by block. Three parallel regions per tile.
+// elementwise pass while the block is in cache. Where the weights are small beside the tile, each block then
+// computes its own partial sums of the weight gradients, added up in block order afterwards, and its d student:
+// one parallel region per tile, of equal tasks (likewise when no weight gradient is asked). Elsewhere the weight
+// gradients are GEMMs over all of the tile's pixels, cut into blocks of rows, and d student follows block by
+// block: three parallel regions per tile.
 //
 // Determinism: the tiles and blocks are a function of the shapes only, every partial sum is combined in block
 // order, and every GEMM is a single-threaded call on one block (multi-threaded GEMMs of small matrices change
@@ -191,9 +194,46 @@ std::vector<TileColumns> column_blocks(const AlignProblem& p, const AlignTile& t
   return blocks;
 }
 
-// The forward and the backward down to dH of one column block; its loss and bias-gradient partials.
-void forward_backward_block(const AlignProblem& p, const AlignTile& tile, const TileColumns& block, double& loss,
-                            const at::Tensor& d_b2, const at::Tensor& d_b1) {
+// sum += a b (or sum = a b), sum in the accumulation dtype. A bfloat16 GEMM gives the product rounded once to
+// bfloat16 (like eager's whole-batch weight gradient), added to the fp32 sum.
+void add_product(const at::Tensor& sum, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
+  if (a.scalar_type() == sum.scalar_type()) {
+    gemm(sum, a, b, accumulate);
+    return;
+  }
+  at::Tensor product = at::empty(sum.sizes(), a.options());
+  gemm(product, a, b, false);
+  if (accumulate) sum.add_(product);
+  else sum.copy_(product);
+}
+
+// sum += a b in blocks of sum's rows, each one GEMM over every pixel of the tile.
+struct RowBlocks {
+  at::Tensor sum, a, b;
+  int64_t count() const { return (sum.size(0) + kGemmRows - 1) / kGemmRows; }
+  void run(int64_t block) const {
+    const int64_t first = block * kGemmRows, rows = std::min(kGemmRows, sum.size(0) - first);
+    add_product(sum.narrow(0, first, rows), a.narrow(0, first, rows), b, true);
+  }
+};
+
+// A column block's partial sums of the gradients it computes: the biases' always, the weights' where the
+// blocks take their share of them.
+struct BlockSums {
+  at::Tensor d_b2, d_b1, d_w2, d_w1;
+};
+
+// d student of one column block, from its dH (its X buffer is free by then).
+void student_grad_block(const AlignProblem& p, const AlignTile& tile, const TileColumns& block) {
+  TileBuffer x = columns_of(p.x(tile), block);
+  gemm(x.matrix, p.w1.t(), columns_of(p.dh(tile), block).matrix, false);
+  as_grid(feature_tile(p.grad_student, block.pixels)).copy_(x.grid);
+}
+
+// The work of one column block: the forward and the backward down to dH, its loss and bias-gradient partials;
+// its weight-gradient partials where sums has them; its d student where with_student (no later GEMM reads X).
+void block_work(const AlignProblem& p, const AlignTile& tile, const TileColumns& block, double& loss,
+                const BlockSums& sums, bool with_student) {
   static const AlignCpuPasses& passes = kAlignCpuPasses_here();
   TileBuffer x = columns_of(p.x(tile), block), h = columns_of(p.h(tile), block), y = columns_of(p.y(tile), block);
   x.grid.copy_(as_grid(feature_tile(p.student, block.pixels)));
@@ -203,36 +243,23 @@ void forward_backward_block(const AlignProblem& p, const AlignTile& tile, const 
   gemm(h.matrix, p.w1, x.matrix, true);
   passes.relu(h.matrix);
   gemm(y.matrix, p.w2, h.matrix, false);
-  loss = passes.loss(p, y, block, d_b2);
+  loss = passes.loss(p, y, block, sums.d_b2);
   if (!p.backward()) return;
   TileBuffer dh = columns_of(p.dh(tile), block);
   gemm(dh.matrix, p.w2.t(), y.matrix, false);
-  passes.relu_backward(dh.matrix, h.matrix, d_b1);
-}
-
-// sum += a b, in blocks of sum's rows (each one GEMM over every pixel of the tile). A bfloat16 GEMM gives the
-// tile's product rounded once to bfloat16 (like eager's whole-batch weight gradient); the sum stays fp32.
-struct RowBlocks {
-  at::Tensor sum, a, b;
-  int64_t count() const { return (sum.size(0) + kGemmRows - 1) / kGemmRows; }
-  void run(int64_t block) const {
-    const int64_t first = block * kGemmRows, rows = std::min(kGemmRows, sum.size(0) - first);
-    at::Tensor rows_of_sum = sum.narrow(0, first, rows);
-    if (a.scalar_type() == sum.scalar_type()) {
-      gemm(rows_of_sum, a.narrow(0, first, rows), b, true);
-      return;
-    }
-    at::Tensor product = at::empty({rows, sum.size(1)}, a.options());
-    gemm(product, a.narrow(0, first, rows), b, false);
-    rows_of_sum.add_(product);
+  passes.relu_backward(dh.matrix, h.matrix, sums.d_b1);
+  if (sums.d_w2.defined()) {
+    add_product(sums.d_w2, y.matrix, h.matrix.t(), false);
+    add_product(sums.d_w1, dh.matrix, x.matrix.t(), false);
   }
-};
+  if (with_student) student_grad_block(p, tile, block);
+}
 
 struct CpuDevice {
   static at::ScalarType gemm_dtype(at::ScalarType compute_dtype) {
     return compute_dtype == at::kBFloat16 && bfloat16_gemms() ? at::kBFloat16 : accumulation_dtype(compute_dtype);
   }
-  // Tiles whose buffers stay in the last-level cache between a tile's three parallel regions (4 MiB), or
+  // Tiles whose buffers stay in the last-level cache between a tile's parallel regions (4 MiB), or
   // larger where the weights are large (up to 32 MiB): every tile adds its weight-gradient products to the
   // sums, at a cost that grows with the weights and falls with the tile's pixels. At least four column blocks.
   static int64_t tile_pixels(int64_t, int64_t bytes_per_pixel, int64_t weight_bytes) {
@@ -247,13 +274,34 @@ struct CpuDevice {
     const std::vector<TileColumns> blocks = column_blocks(p, tile);
     const int64_t count = static_cast<int64_t>(blocks.size());
     const bool weights = p.grad_weights();
-    // Per block: its loss (exact in a double) and its bias-gradient sums (db2, then db1).
+    // The blocks take their share of the weight gradients where their partial sums are small beside the tile's
+    // buffers (adding them up costs less than a pass over the buffers): no dW2 GEMM that outlasts the dW1 one
+    // while a thread waits (at 64 -> 256 -> 256 channels four times as long), no further regions.
+    const int64_t weight_numel = p.d_w2.defined() ? p.d_w2.numel() + p.d_w1.numel() : 0;
+    const bool block_weights =
+        weights && count * weight_numel <= tile.pixels() * (p.s_channels + 2 * p.hidden + p.t_channels);
+    // Per block: its loss (exact in a double) and its gradient partial sums (db2, db1, then dW2 and dW1).
     std::vector<double> losses(count);
-    const at::Tensor bias_sums = weights ? at::zeros({count, p.t_channels + p.hidden}, p.d_b1.options()) : at::Tensor();
+    const int64_t bias_numel = p.t_channels + p.hidden;
+    at::Tensor parts;
+    if (weights) {
+      parts = at::empty({count, bias_numel + (block_weights ? weight_numel : 0)}, p.d_b1.options());
+      parts.narrow(1, 0, bias_numel).zero_();
+    }
+    auto sums_of = [&](int64_t b) {
+      if (!weights) return BlockSums{};
+      const at::Tensor part = parts[b];
+      BlockSums sums{part.narrow(0, 0, p.t_channels), part.narrow(0, p.t_channels, p.hidden), {}, {}};
+      if (block_weights) {
+        sums.d_w2 = part.narrow(0, bias_numel, p.d_w2.numel()).view(p.d_w2.sizes());
+        sums.d_w1 = part.narrow(0, bias_numel + p.d_w2.numel(), p.d_w1.numel()).view(p.d_w1.sizes());
+      }
+      return sums;
+    };
+    // d student in the blocks' tasks, unless the tile's weight-gradient GEMMs read X after them.
+    const bool student_in_blocks = p.grad_student.merged.defined() && (block_weights || !weights);
     in_parallel_region(count, [&](int64_t b) {
-      forward_backward_block(p, tile, blocks[b], losses[b],
-                             weights ? bias_sums[b].narrow(0, 0, p.t_channels) : at::Tensor(),
-                             weights ? bias_sums[b].narrow(0, p.t_channels, p.hidden) : at::Tensor());
+      block_work(p, tile, blocks[b], losses[b], sums_of(b), student_in_blocks);
     });
     AT_DISPATCH_FLOATING_TYPES(p.loss.scalar_type(), "align_tile_sums_cpu", [&] {
       // In block order, in the accumulation dtype.
@@ -261,16 +309,22 @@ struct CpuDevice {
       for (double loss : losses) tile_loss += static_cast<scalar_t>(loss);
       *p.loss.mutable_data_ptr<scalar_t>() += tile_loss;
       if (!weights) return;
-      const scalar_t* parts = bias_sums.const_data_ptr<scalar_t>();
+      const scalar_t* first_part = parts.const_data_ptr<scalar_t>();
       scalar_t* d_b2 = p.d_b2.mutable_data_ptr<scalar_t>();
       scalar_t* d_b1 = p.d_b1.mutable_data_ptr<scalar_t>();
       for (int64_t b = 0; b < count; ++b) {
-        const scalar_t* part = parts + b * (p.t_channels + p.hidden);
+        const scalar_t* part = first_part + b * parts.size(1);
         for (int64_t c = 0; c < p.t_channels; ++c) d_b2[c] += part[c];
         for (int64_t c = 0; c < p.hidden; ++c) d_b1[c] += part[p.t_channels + c];
       }
     });
-    if (weights) {
+    if (block_weights) {
+      for (int64_t b = 0; b < count; ++b) {
+        const BlockSums sums = sums_of(b);
+        p.d_w2.add_(sums.d_w2);
+        p.d_w1.add_(sums.d_w1);
+      }
+    } else if (weights) {
       const TileBuffer x = p.x(tile), h = p.h(tile), y = p.y(tile), dh = p.dh(tile);
       const RowBlocks products[] = {{p.d_w2, y.matrix, h.matrix.t()}, {p.d_w1, dh.matrix, x.matrix.t()}};
       const int64_t first_of_second = products[0].count();
@@ -279,13 +333,8 @@ struct CpuDevice {
         else products[1].run(b - first_of_second);
       });
     }
-    if (p.grad_student.merged.defined()) {
-      in_parallel_region(count, [&](int64_t b) {
-        TileBuffer x = columns_of(p.x(tile), blocks[b]);
-        gemm(x.matrix, p.w1.t(), columns_of(p.dh(tile), blocks[b]).matrix, false);  // x is done: d student
-        as_grid(feature_tile(p.grad_student, blocks[b].pixels)).copy_(x.grid);
-      });
-    }
+    if (p.grad_student.merged.defined() && !student_in_blocks)
+      in_parallel_region(count, [&](int64_t b) { student_grad_block(p, tile, blocks[b]); });
   }
 };
 

@@ -152,18 +152,23 @@ def bfloat16_gemms(request):
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-def test_wide_channels_on_cpu_gemm_paths(channels_last, bfloat16_gemms):
+@pytest.mark.parametrize("batch,spatial", [(3, (40, 40)), (2, (4, 4))], ids=["block-sums", "tile-gemms"])
+def test_wide_channels_on_cpu_gemm_paths(batch, spatial, channels_last, bfloat16_gemms):
     # At these widths the fp32 GEMMs are large enough for oneDNN (MKL on Intel CPUs), the fp64 ones stay with
     # BLAS, bf16 ones run in bf16 or in fp32 (bfloat16_gemms): each is one single-threaded call per block, so
-    # the bits do not depend on the thread count; NaN and inf go through.
+    # the bits do not depend on the thread count. Both schedules of the weight gradients (align_cpu.cpp): at
+    # 4,800 pixels each column block sums its own share, added up in block order; at 32 pixels the weights
+    # outweigh the tile's buffers and GEMMs over the whole tile sum them, in blocks of rows.
     for dtype in (torch.float32, torch.float64, torch.bfloat16):
-        inputs = _wide_inputs(3, (40, 40), dtype, channels_last)
+        inputs = _wide_inputs(batch, spatial, dtype, channels_last)
 
         def run():
             loss = ofdkern.channel_align_loss(*inputs, reduction="mean", backend="cpu")
             return (loss, *torch.autograd.grad(loss, inputs))
 
         assert_same_bits_with_one_thread(run)
+        assert_parity(op_cases.ALIGN.fused("cpu"), op_cases.ALIGN.reference, inputs, names=op_cases.ALIGN.names)
+    # NaN and inf go through.
     planted = op_cases.ALIGN.plant_special(_wide_inputs(2, (16, 16), torch.float32, channels_last))
     assert_parity(op_cases.ALIGN.fused("cpu"), op_cases.ALIGN.reference, planted, names=op_cases.ALIGN.names)
 
