@@ -6,12 +6,12 @@
 #   tools/gpu_check.sh tests sanitize bench     # all three (the default)
 #   LOG_DIR=/tmp/logs tools/gpu_check.sh tests
 #
-# Stages: tests (the whole suite, GPU-marked tests included), sanitize (tools/sanitize_cuda.sh: compute-sanitizer
-# memcheck and racecheck over every CUDA kernel), bench (benchmarks/run.py --device cuda --quick: every op, the
-# distillation step included unless torchvision is missing; JSON, md and one png per op into benchmarks/results/,
-# named by device and date). Environment: PYTHON (default python3), LOG_DIR (default ./gpu-logs),
-# TORCH_CUDA_ARCH_LIST (default: the visible GPU's), BENCH_TIME_LIMIT (seconds after which the benchmark starts no
-# new case, default 170).
+# Stages: tests (the whole suite, GPU-marked tests included; 8 pytest-xdist workers of 2 CPU threads each where
+# xdist is installed), sanitize (tools/sanitize_cuda.sh: compute-sanitizer memcheck and racecheck over every CUDA
+# kernel), bench (benchmarks/run.py --device cuda --quick: every op, the distillation step included unless
+# torchvision is missing; JSON, md and one png per op into benchmarks/results/, named by device and date).
+# Environment: PYTHON (default python3), LOG_DIR (default ./gpu-logs), TORCH_CUDA_ARCH_LIST (default: the visible
+# GPU's), BENCH_TIME_LIMIT (seconds after which the benchmark starts no new case, default 170).
 #
 # Budget on an H100/H200, about 8 minutes in all: build ~1 min, tests 2-3 min, sanitizer ~1 min, benchmarks ~3 min.
 # Each stage runs under a hard cap (tests 210 s, sanitize 90 s, bench 230 s), so one call stays within the device
@@ -44,8 +44,12 @@ for stage in "${stages[@]}"; do
   start=$SECONDS
   case "$stage" in
     tests)
-      OFDKERN_EXPECT_CUDA=1 timeout 210 "$python_bin" -m pytest python_tests -q -ra -p no:cacheprovider \
-        >"$log_dir/tests.log" 2>&1 || status=1
+      # Spread over 8 pytest-xdist workers where it is installed: on a GPU, Triton compiles every kernel
+      # specialization the tests reach, and those compiles are single-threaded per process.
+      workers=()
+      if "$python_bin" -c "import xdist" 2>/dev/null; then workers=(-n 8); fi
+      OFDKERN_EXPECT_CUDA=1 OMP_NUM_THREADS=2 timeout 210 "$python_bin" -m pytest python_tests -q -ra \
+        -p no:cacheprovider "${workers[@]}" >"$log_dir/tests.log" 2>&1 || status=1
       tail -25 "$log_dir/tests.log" ;;
     sanitize)
       PYTHON=$python_bin timeout 90 bash tools/sanitize_cuda.sh >"$log_dir/sanitize.log" 2>&1 || status=1
