@@ -18,10 +18,6 @@ namespace {
 template <typename acc_t>
 using Pair = VectorPair<acc_t>;
 
-// Elements per step: two vectors.
-template <typename acc_t>
-constexpr int64_t kStep = 2 * kWidth<acc_t>;
-
 template <typename acc_t>
 Pair<acc_t> broadcast_pair(acc_t value) {
   return {Vectorized<acc_t>(value), Vectorized<acc_t>(value)};
@@ -38,7 +34,7 @@ acc_t pair_sum(const Pair<acc_t>& v) {
   return lane_sum(v.low + v.high);
 }
 
-// n (<= kStep) elements at data after a store: the values as stored (rounded to bfloat16, say), lanes from n on
+// n (<= kPairWidth) elements at data after a store: the values as stored (rounded to bfloat16, say), lanes from n on
 // 0. `computed` is what was stored, before the rounding.
 template <typename gemm_t, typename acc_t>
 Pair<acc_t> as_stored(const gemm_t* data, const Pair<acc_t>& computed, int64_t n) {
@@ -54,8 +50,8 @@ void relu_typed(const at::Tensor& h) {
   gemm_t* data = h.mutable_data_ptr<gemm_t>();
   for (int64_t r = 0; r < rows; ++r) {
     gemm_t* row = data + r * stride;
-    for (int64_t j = 0; j < width; j += kStep<acc_t>) {
-      const int64_t n = std::min(kStep<acc_t>, width - j);
+    for (int64_t j = 0; j < width; j += kPairWidth<acc_t>) {
+      const int64_t n = std::min(kPairWidth<acc_t>, width - j);
       const Pair<acc_t> x = load_pair(row + j, n);
       store_pair(row + j, {relu<M>(x.low), relu<M>(x.high)}, n);
     }
@@ -74,8 +70,8 @@ void relu_backward_typed(const at::Tensor& dh, const at::Tensor& h, const at::Te
     gemm_t* g_row = grad + r * stride;
     const gemm_t* h_row = activation + r * stride;
     Pair<acc_t> sum = broadcast_pair(acc_t(0));
-    for (int64_t j = 0; j < width; j += kStep<acc_t>) {
-      const int64_t n = std::min(kStep<acc_t>, width - j);
+    for (int64_t j = 0; j < width; j += kPairWidth<acc_t>) {
+      const int64_t n = std::min(kPairWidth<acc_t>, width - j);
       const Pair<acc_t> g = load_pair(g_row + j, n), a = load_pair(h_row + j, n);
       const Pair<acc_t> d = {relu_backward<M>(g.low, a.low), relu_backward<M>(g.high, a.high)};
       store_pair(g_row + j, d, n);
@@ -95,8 +91,8 @@ inline void loss_run(gemm_t* y, const teacher_t* t, teacher_t* d_t, int64_t coun
   using M = VecMath<acc_t>;
   const Pair<acc_t> run_bias = broadcast_pair(kChannelRun ? acc_t(0) : *bias);
   const Pair<acc_t> run_margin = broadcast_pair(kOFD && !kChannelRun ? *margin : acc_t(0));
-  for (int64_t j = 0; j < count; j += kStep<acc_t>) {
-    const int64_t n = std::min(kStep<acc_t>, count - j);
+  for (int64_t j = 0; j < count; j += kPairWidth<acc_t>) {
+    const int64_t n = std::min(kPairWidth<acc_t>, count - j);
     const Pair<acc_t> yv = load_pair(y + j, n), tv = load_pair_as<acc_t>(t + j, n);
     const Pair<acc_t> b = kChannelRun ? load_pair(bias + j, n) : run_bias;
     const Pair<acc_t> m = kOFD && kChannelRun ? load_pair(margin + j, n) : run_margin;

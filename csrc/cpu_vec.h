@@ -92,6 +92,10 @@ struct VectorPair {
   Vectorized<acc_t> low, high;
 };
 
+// Elements in a VectorPair: the step of the vectorized passes.
+template <typename acc_t>
+constexpr int64_t kPairWidth = 2 * kWidth<acc_t>;
+
 // n (1 <= n <= 2 width) elements at src in the accumulation type, the lanes from n on 0.
 template <typename scalar_t>
 VectorPair<accumulation_t<scalar_t>> load_pair(const scalar_t* src, int64_t n) {
@@ -130,7 +134,7 @@ VectorPair<acc_t> load_pair_as(const scalar_t* src, int64_t n) {
   if constexpr (std::is_same_v<accumulation_t<scalar_t>, acc_t>) {
     return load_pair(src, n);
   } else {
-    acc_t values[2 * kWidth<acc_t>] = {};
+    acc_t values[kPairWidth<acc_t>] = {};
     for (int64_t k = 0; k < n; ++k) values[k] = static_cast<acc_t>(src[k]);
     return {Vectorized<acc_t>::loadu(values), Vectorized<acc_t>::loadu(values + kWidth<acc_t>)};
   }
@@ -142,7 +146,7 @@ void store_pair_as(scalar_t* dst, const VectorPair<acc_t>& v, int64_t n) {
   if constexpr (std::is_same_v<accumulation_t<scalar_t>, acc_t>) {
     store_pair(dst, v, n);
   } else {
-    acc_t values[2 * kWidth<acc_t>];
+    acc_t values[kPairWidth<acc_t>];
     v.low.store(values);
     v.high.store(values + kWidth<acc_t>);
     for (int64_t k = 0; k < n; ++k) dst[k] = static_cast<scalar_t>(values[k]);
@@ -163,8 +167,8 @@ void widen(const scalar_t* src, int64_t n, accumulation_t<scalar_t>* dst) {
 template <typename scalar_t>
 void narrow(const accumulation_t<scalar_t>* src, int64_t n, scalar_t* dst) {
   using acc_t = accumulation_t<scalar_t>;
-  for (int64_t i = 0; i < n; i += 2 * kWidth<acc_t>) {
-    const int64_t lanes = std::min(2 * kWidth<acc_t>, n - i);
+  for (int64_t i = 0; i < n; i += kPairWidth<acc_t>) {
+    const int64_t lanes = std::min(kPairWidth<acc_t>, n - i);
     store_pair(dst + i, load_pair(src + i, lanes), lanes);
   }
 }

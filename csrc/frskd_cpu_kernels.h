@@ -408,7 +408,7 @@ void attention_map_backward_typed(const at::Tensor& feature, const at::Tensor& g
   using acc_t = accumulation_t<scalar_t>;
   using Vec = Vectorized<acc_t>;
   using M = VecMath<acc_t>;
-  constexpr int64_t step = 2 * kWidth<acc_t>;
+  constexpr int64_t step = kPairWidth<acc_t>;
   const FeatureGeometry g = geometry(feature);
   const scalar_t* f = feature.const_data_ptr<scalar_t>();
   const acc_t* gm = grad_map.const_data_ptr<acc_t>();
