@@ -42,7 +42,7 @@ class OpCase:
     # backend -> f(*inputs) -> loss
     fused: Callable[[str], Callable]
     reference: Callable
-    # (inputs, backend) -> (custom op, args) with in_place_backward=False: a purely functional op
+    # (inputs, backend) -> (the FusedOp, args) with in_place_backward=False: a purely functional op
     opcheck: Callable[[list, str], tuple]
     # inputs -> inputs with NaN / +-inf planted where the fused op must give what the reference gives
     plant_special: Callable[[list], list]

@@ -113,7 +113,41 @@ def test_same_bits_on_one_and_two_threads(case, device, backend, dtype, layout):
 @pytest.mark.parametrize("case,device,backend,dtype,layout", _cases())
 def test_opcheck(case, device, backend, dtype, layout):
     op, args = case.opcheck(case.make(device, torch.float32), backend)
-    torch.library.opcheck(op, args)
+    torch.library.opcheck(op.custom_op, args)
+
+
+class _Subclass(torch.Tensor):
+    """A tensor subclass: the public call must take it through the custom op's dispatch."""
+
+
+def _node_names(node) -> set[str]:
+    """The names of the autograd nodes from ``node`` down."""
+    if node is None:
+        return set()
+    return {type(node).__name__}.union(*(_node_names(child) for child, _ in node.next_functions))
+
+
+def _loss_and_gradients(call, args):
+    loss = call(*args)[0]
+    wanted = [x for x in args if isinstance(x, torch.Tensor) and x.requires_grad]
+    return loss, torch.autograd.grad(loss, wanted), _node_names(loss.grad_fn)
+
+
+@pytest.mark.parametrize("case,device,backend,dtype,layout", _cases())
+def test_eager_call_matches_the_custom_op(case, device, backend, dtype, layout):
+    # The eager path (an autograd.Function) and the custom op's dispatch run the same forward, setup_context and
+    # backward: the same bits. Subclasses, like tracing, take the custom op.
+    op, args = case.opcheck(case.make(device, torch.float32), backend)
+    eager = _loss_and_gradients(op, args)
+    dispatched = _loss_and_gradients(op.custom_op, args)
+    subclassed = _loss_and_gradients(op, [x.detach().as_subclass(_Subclass).requires_grad_(x.requires_grad)
+                                          if isinstance(x, torch.Tensor) else x for x in args])
+    generated = f"GeneratedBackwardFor_ofdkern_{op.name}_defaultBackward"
+    assert f"{op.name}Backward" in eager[2] and generated not in eager[2]
+    for other in (dispatched, subclassed):
+        assert generated in other[2]
+        assert torch.equal(eager[0], other[0])
+        assert all(torch.equal(a, b) for a, b in zip(eager[1], other[1], strict=True))
 
 
 @pytest.mark.parametrize("case,device,backend,dtype,layout", _cases())

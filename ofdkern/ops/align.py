@@ -23,7 +23,7 @@ from .._backends import Backend, has_kernel, register_op, resolve
 from .._dtypes import accumulation_dtype, result_dtype
 from .._layout import walkable
 from .._validation import check_channel_align_args
-from ._autograd import backward_scale, input_gradient, setup_scaled_backward
+from ._autograd import fused_op, backward_scale, input_gradient, setup_scaled_backward
 from ._common import autocast_loss, autocast_off, divide_by_count, reduction_count
 
 ALIGN = register_op("channel_align_loss", cpu=Backend(("ofdkern::align_fused",)),
@@ -70,7 +70,7 @@ def _empty(like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return like.new_empty((0,), dtype=dtype)
 
 
-@torch.library.custom_op("ofdkern::channel_align_fused", mutates_args=())
+@fused_op("ofdkern::channel_align_fused")
 def channel_align_fused(student: torch.Tensor, teacher: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor,
                         w2: torch.Tensor, b2: torch.Tensor, margin: torch.Tensor | None, reduction: str,
                         backend: str, grad_student: bool, grad_teacher: bool, grad_weights: bool,

@@ -20,7 +20,7 @@ from .._backends import Backend, register_op, resolve
 from .._dtypes import accumulation_dtype, result_dtype
 from .._layout import as_positions
 from .._validation import check_attention_transfer_args, check_kd_args
-from ._autograd import backward_scale, input_gradient, setup_scaled_backward, tracing
+from ._autograd import fused_op, backward_scale, input_gradient, setup_scaled_backward, tracing
 from ._common import autocast_loss, autocast_off, divide_by_count, reduction_count
 
 # What attention_transfer_forward (a composite, csrc/frskd_op.cpp) and the backward run on the device.
@@ -55,7 +55,7 @@ def _map_shape(feature: torch.Tensor) -> torch.Size:
     return torch.Size((feature.shape[0], math.prod(feature.shape[2:])))
 
 
-@torch.library.custom_op("ofdkern::attention_transfer_fused", mutates_args=())
+@fused_op("ofdkern::attention_transfer_fused")
 def attention_transfer_fused(f_student: torch.Tensor, f_teacher: torch.Tensor, p: float, reduction: str,
                              backend: str, in_place_backward: bool
                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -124,7 +124,7 @@ def _attention_backward(ctx, grad_loss, *_unused):
 attention_transfer_fused.register_autograd(_attention_backward, setup_context=_attention_setup_context)
 
 
-@torch.library.custom_op("ofdkern::kd_loss_fused", mutates_args=())
+@fused_op("ofdkern::kd_loss_fused")
 def kd_loss_fused(student: torch.Tensor, teacher: torch.Tensor, temperature: float, reduction: str, backend: str,
                   grad_student: bool, grad_teacher: bool, in_place_backward: bool
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -13,7 +13,7 @@ from .. import reference
 from .._backends import Backend, register_op, resolve
 from .._dtypes import result_dtype
 from .._validation import check_ofd_args
-from ._autograd import backward_scale, input_gradient, setup_scaled_backward
+from ._autograd import fused_op, backward_scale, input_gradient, setup_scaled_backward
 from ._common import autocast_loss, autocast_off, divide_by_count, reduction_count
 
 OFD = register_op("ofd_loss", cpu=Backend(("ofdkern::ofd_fused",)), cuda=Backend(("ofdkern::ofd_fused",)),
@@ -64,7 +64,7 @@ def _prepare(student, teacher, margin):
     return student, teacher, margin, out_dtype
 
 
-@torch.library.custom_op("ofdkern::ofd_loss_fused", mutates_args=())
+@fused_op("ofdkern::ofd_loss_fused")
 def ofd_loss_fused(student: torch.Tensor, teacher: torch.Tensor, margin: torch.Tensor, reduction: str,
                    backend: str, grad_student: bool, grad_teacher: bool, grad_margin: bool,
                    in_place_backward: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
