@@ -204,6 +204,9 @@ AlignOutputs align_fused(const at::Tensor& student, const at::Tensor& teacher, c
   check_align_weight(b1, "b1", {p.hidden}, w1);
   check_align_weight(w2, "w2", {p.t_channels, p.hidden}, w1);
   check_align_weight(b2, "b2", {p.t_channels}, w1);
+  TORCH_CHECK_VALUE(p.s_channels > 0 && p.hidden > 0 && p.t_channels > 0,
+                    "align_fused: the MLP needs at least one channel in every layer, got student ", p.s_channels,
+                    ", hidden ", p.hidden, " and teacher ", p.t_channels, " channels");
   TORCH_CHECK_VALUE(student.device() == w1.device() && teacher.device() == w1.device(),
                     "align_fused: student, teacher and the weights must be on one device");
   const auto acc = accumulation_dtype(w1.scalar_type());

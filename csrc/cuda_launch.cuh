@@ -38,7 +38,7 @@ inline int grid_size(int64_t numel, c10::DeviceIndex device) {
 }
 
 // Sum over the block in a fixed tree (warp shuffles, then the warp totals); valid in thread 0. For blocks of
-// kThreads threads.
+// kThreads threads, all of which call it; it ends on a barrier, so a kernel may call it again.
 template <typename acc_t>
 __device__ acc_t block_sum(acc_t value) {
   __shared__ acc_t warp_totals[kThreads / kWarpSize];
@@ -53,6 +53,7 @@ __device__ acc_t block_sum(acc_t value) {
 #pragma unroll
     for (int offset = kWarpSize / 2; offset > 0; offset /= 2) value += __shfl_down_sync(0xffffffffu, value, offset);
   }
+  __syncthreads();  // warp 0 has read warp_totals before anyone writes them again
   return value;
 }
 

@@ -13,7 +13,7 @@ import ofdkern
 from ofdkern import reference
 from ofdkern.ops import align
 
-from conftest import STATUS, assert_same_bits_with_one_thread
+from conftest import STATUS, assert_same_bits_with_one_thread, backend_cases
 import op_cases
 from parity import assert_parity
 
@@ -311,6 +311,20 @@ def test_module_init_state_and_forward():
     student, teacher = (x.detach().float() for x in make_inputs()[:2])
     want = reference.ofd_loss(module.project(student), teacher, module.margin, "mean")
     torch.testing.assert_close(module(student, teacher), want)
+
+
+@pytest.mark.parametrize("device,backend", [case for case in backend_cases("channel_align_loss")
+                                             if case.values[1] in ("cpu", "cuda")])
+@pytest.mark.parametrize("empty_layer", ["student", "hidden", "teacher"])
+def test_kernel_op_refuses_a_layer_without_channels(device, backend, empty_layer):
+    # The public function refuses it in Python; the C++ op, called directly, must too (on CUDA it would
+    # otherwise launch elementwise kernels on grids of 0 blocks).
+    cs, hidden, ct = (0 if empty_layer == name else size for name, size in
+                      (("student", S_CHANNELS), ("hidden", HIDDEN), ("teacher", T_CHANNELS)))
+    student, teacher = torch.randn(2, cs, 3, 3, device=device), torch.randn(2, ct, 3, 3, device=device)
+    w1, b1, w2, b2 = (torch.randn(shape, device=device) for shape in ((hidden, cs), (hidden,), (ct, hidden), (ct,)))
+    with pytest.raises(ValueError, match="at least one channel in every layer"):
+        torch.ops.ofdkern.align_fused(student, teacher, w1, b1, w2, b2, None, True, True, True)
 
 
 def test_bad_input_names_the_argument():
