@@ -214,6 +214,10 @@ def test_triton_wide_channels(channels_last):
         check(inputs, margin.to(dtype), "sum", "triton", rtol)
     inputs = _wide_inputs(2, (3, 5), torch.bfloat16, channels_last)
     check(inputs, margin.float(), "mean", "triton", 2e-2)
+    # Autocast's mix: bfloat16 features, float32 weights (the dots run in float32 on features loaded in bfloat16).
+    mixed = _wide_inputs(2, (3, 5), torch.float32, channels_last)
+    mixed[:2] = [x.detach().bfloat16().requires_grad_() for x in mixed[:2]]
+    check(mixed, margin.float(), "sum", "triton", 1e-2)
     # NaN and inf through both layers and relu's backward, as autograd through the reference carries them.
     planted = op_cases.ALIGN.plant_special(_wide_inputs(2, (3, 5), torch.float32, channels_last))
     assert_parity(op_cases.ALIGN.fused("triton"), op_cases.ALIGN.reference, planted, names=op_cases.ALIGN.names)

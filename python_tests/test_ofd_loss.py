@@ -437,7 +437,8 @@ def test_opcheck(device, backend):
     for x in (student, teacher, margin):
         x.requires_grad_()
     for reduction in ("sum", "none"):
-        torch.library.opcheck(ofd_loss_fused.custom_op, (student, teacher, margin, reduction, backend, True, True, True, False))
+        torch.library.opcheck(ofd_loss_fused.custom_op,
+                              (student, teacher, margin, reduction, backend, True, True, True, False))
 
 
 def test_torch_compile_training_step_matches_eager():

@@ -14,7 +14,8 @@ H, dY and dH live in tile-sized scratch buffers in the compute dtype, so nothing
 exists beyond a tile. The dots run in the compute dtype (tensor cores for half precision; for float32, TF32 as
 torch's matmul precision allows) with float32 accumulators (float64 for float64). Every output element is
 written by one program, the loss and bias-gradient partials are summed in a fixed order, and the tiles run in
-order: the results are bit-identical run to run. Under the interpreter every load is cast to float32.
+order: the results are bit-identical run to run. Dot operands are loaded in the compute dtype (features
+may be narrower); under the interpreter half precision is loaded in float32.
 """
 from __future__ import annotations
 
@@ -26,6 +27,8 @@ from .triton_helpers import (INTERPRET, align_point, align_teacher_share, dot_pr
                              stored_as)
 
 _BIAS_RELU, _LOSS, _RELU_BACKWARD, _STORE = 0, 1, 2, 3
+_TRITON_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
+                  torch.float64: tl.float64}
 # Interpreter: tl.dot needs every dim >= 16, and small blocks keep several programs and K-steps in tiny tests.
 _BLOCK_Q, _BLOCK_N, _BLOCK_K = (16, 16, 16) if INTERPRET else (64, 64, 32)
 # Tile scratch budget (H, dY, dH): like the CUDA kernel's, an eighth of what every pixel would take, within
@@ -42,12 +45,11 @@ def _pixel_offsets(q, n0, p0, positions, stride_n, stride_p):
 
 
 @triton.jit
-def _load(ptr, mask, CAST: tl.constexpr):
-    """A masked load; 16-bit values in float32 when CAST (the interpreter's half-precision dots are wrong)."""
-    x = tl.load(ptr, mask=mask, other=0.0)
-    if CAST and x.dtype.primitive_bitwidth == 16:
-        x = x.to(tl.float32)
-    return x
+def _load(ptr, mask, DOT: tl.constexpr):
+    """A masked load of a dot operand in the dots' dtype: features come in their own dtype, which may be
+    narrower than the weights' (bfloat16 features under autocast, float32 weights); both operands of tl.dot
+    must have one dtype."""
+    return tl.load(ptr, mask=mask, other=0.0).to(DOT)
 
 
 @triton.jit
@@ -60,7 +62,7 @@ def _pixel_gemm_kernel(
     bias_ptr, margin_ptr, loss_part_ptr, bias_grad_part_ptr,
     pixels, positions, K, N,
     EPILOGUE: tl.constexpr, HAS_MARGIN: tl.constexpr, GRAD_AUX: tl.constexpr, BIAS_GRAD: tl.constexpr,
-    ACC: tl.constexpr, CAST: tl.constexpr, PRECISION: tl.constexpr,
+    ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_q, pid_n = tl.program_id(0), tl.program_id(1)
@@ -72,9 +74,9 @@ def _pixel_gemm_kernel(
     for k0 in range(0, K, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         k_ok = k < K
-        a = _load(a_ptr + a_rows[:, None] + k[None, :].to(tl.int64) * a_sc, q_ok[:, None] & k_ok[None, :], CAST)
+        a = _load(a_ptr + a_rows[:, None] + k[None, :].to(tl.int64) * a_sc, q_ok[:, None] & k_ok[None, :], DOT)
         b = _load(b_ptr + k[:, None].to(tl.int64) * b_sk + n[None, :].to(tl.int64) * b_sn,
-                  k_ok[:, None] & n_ok[None, :], CAST)
+                  k_ok[:, None] & n_ok[None, :], DOT)
         acc += tl.dot(a, b, input_precision=PRECISION, out_dtype=ACC)
     valid = q_ok[:, None] & n_ok[None, :]
     out = out_ptr + _pixel_offsets(q, out_n0, out_p0, positions, out_sn, out_sp)[:, None] + \
@@ -87,7 +89,10 @@ def _pixel_gemm_kernel(
     elif EPILOGUE == 1:  # _LOSS: Y against the teacher, into dY
         y = acc + tl.load(bias_ptr + n, mask=n_ok, other=0.0)[None, :]
         t = tl.load(aux, mask=valid, other=0.0).to(ACC)
-        m = tl.load(margin_ptr + n, mask=n_ok, other=0.0)[None, :]  # without a margin: any vector, unused
+        if HAS_MARGIN:
+            m = tl.load(margin_ptr + n, mask=n_ok, other=0.0)[None, :]
+        else:
+            m = tl.zeros([1, BLOCK_N], ACC)  # unused
         terms, result = align_point(y, t, m, HAS_MARGIN)
         result = tl.where(valid, result, 0.0)
         tl.store(loss_part_ptr + pid_q * tl.num_programs(1) + pid_n,
@@ -111,7 +116,7 @@ def _weight_gradient_kernel(
     b_ptr, b_n0, b_p0, b_sn, b_sc, b_sp,  # B (pixels, N): a pixel operand
     out_ptr,  # (M, N) contiguous, accumulation dtype: out += A^T B
     pixels, positions, M, N,
-    ACC: tl.constexpr, CAST: tl.constexpr, PRECISION: tl.constexpr,
+    ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -122,9 +127,9 @@ def _weight_gradient_kernel(
         q = q0 + tl.arange(0, BLOCK_K)
         q_ok = q < pixels
         a = _load(a_ptr + _pixel_offsets(q, a_n0, a_p0, positions, a_sn, a_sp)[:, None] +
-                  m[None, :].to(tl.int64) * a_sc, q_ok[:, None] & m_ok[None, :], CAST)
+                  m[None, :].to(tl.int64) * a_sc, q_ok[:, None] & m_ok[None, :], DOT)
         b = _load(b_ptr + _pixel_offsets(q, b_n0, b_p0, positions, b_sn, b_sp)[:, None] +
-                  n[None, :].to(tl.int64) * b_sc, q_ok[:, None] & n_ok[None, :], CAST)
+                  n[None, :].to(tl.int64) * b_sc, q_ok[:, None] & n_ok[None, :], DOT)
         acc += tl.dot(tl.trans(a), b, input_precision=PRECISION, out_dtype=ACC)
     out = out_ptr + m[:, None].to(tl.int64) * N + n[None, :]
     mask = m_ok[:, None] & n_ok[None, :]
@@ -177,8 +182,11 @@ def align_tiled_triton(student3, teacher3, w1, b1, w2, b2, margin, d_student3, d
     y_buffer = torch.empty(most * t_channels, dtype=compute, device=w1.device)
     backward = d_student3 is not None or d_weights is not None
     dh_buffer = torch.empty(most * hidden, dtype=compute, device=w1.device) if backward else None
-    meta = dict(ACC=tl.float64 if acc == torch.float64 else tl.float32, CAST=INTERPRET,
-                PRECISION=dot_precision(compute), BLOCK_K=_BLOCK_K)
+    # The dots run in the compute dtype; under the interpreter, half precision in float32 (its half-precision
+    # dots are wrong).
+    dot = _TRITON_DTYPES[torch.float32 if INTERPRET and compute.itemsize == 2 else compute]
+    meta = dict(ACC=tl.float64 if acc == torch.float64 else tl.float32, DOT=dot, PRECISION=dot_precision(compute),
+                BLOCK_K=_BLOCK_K)
     unused = _PixelOperand(b1, 0, 0, 0, 0, 0)  # any tensor: the kernel never reads an operand it does not use
 
     def gemm(a, weight_k_n, out, N, K, epilogue, aux=unused, d_aux=None, bias=b1, loss_parts=None,

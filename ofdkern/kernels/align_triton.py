@@ -19,7 +19,7 @@ import triton.language as tl
 
 from .._layout import as_positions, walks_in_place
 from .align_tiled_triton import align_tiled_triton
-from .triton_helpers import (accumulation_dtype, check_dense, check_dtype, check_same_device, check_shape,
+from .triton_helpers import (INTERPRET, accumulation_dtype, check_dense, check_dtype, check_same_device, check_shape,
                              dot_precision, launch, ofd_point, relu, relu_backward, stored_as, teacher_share)
 
 _INTERPRETED_PROGRAMS = 3  # few programs under the interpreter, each looping over several tiles
@@ -48,6 +48,10 @@ def _align_kernel(x_ptr, t_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, m_ptr, dx_ptr, d
     cs_ok = cs < s_channels
     hh_ok = hh < hidden
     ct_ok = ct < t_channels
+    # Channel offsets into the features in 64 bits: a channel times its stride (an NCHW map's positions) can
+    # pass 2^31.
+    cs_far = cs.to(tl.int64)
+    ct_far = ct.to(tl.int64)
     # Weights are contiguous in the accumulation dtype; padded rows and columns load as 0, so padded hidden units
     # stay at relu(0) = 0 and padded channels contribute nothing.
     w1 = tl.load(w1_ptr + hh[:, None] * s_channels + cs[None, :], mask=hh_ok[:, None] & cs_ok[None, :], other=0)
@@ -68,13 +72,13 @@ def _align_kernel(x_ptr, t_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, m_ptr, dx_ptr, d
         n = p // positions
         s = p % positions
         x_mask = p_ok[:, None] & cs_ok[None, :]
-        x = tl.load(x_ptr + n[:, None] * sx_n + cs[None, :] * sx_c + s[:, None] * sx_s, mask=x_mask,
+        x = tl.load(x_ptr + n[:, None] * sx_n + cs_far[None, :] * sx_c + s[:, None] * sx_s, mask=x_mask,
                     other=0).to(acc_ty)
         pre = tl.dot(x, tl.trans(w1), input_precision=PRECISION) + b1[None, :]
         h = relu(pre)
         y = tl.dot(h, tl.trans(w2), input_precision=PRECISION) + b2[None, :]
         valid = p_ok[:, None] & ct_ok[None, :]
-        t_offsets = n[:, None] * st_n + ct[None, :] * st_c + s[:, None] * st_s
+        t_offsets = n[:, None] * st_n + ct_far[None, :] * st_c + s[:, None] * st_s
         t = tl.load(t_ptr + t_offsets, mask=valid, other=0).to(acc_ty)
         if HAS_MARGIN:
             terms, d_y = ofd_point(y, t, margin[None, :])
@@ -90,7 +94,7 @@ def _align_kernel(x_ptr, t_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, m_ptr, dx_ptr, d
                 d_t = teacher_share(d_y, t, margin[None, :])
             else:
                 d_t = -d_y
-            dt_offsets = n[:, None] * sdt_n + ct[None, :] * sdt_c + s[:, None] * sdt_s
+            dt_offsets = n[:, None] * sdt_n + ct_far[None, :] * sdt_c + s[:, None] * sdt_s
             tl.store(dt_ptr + dt_offsets, stored_as(d_t, dt_ptr), mask=valid)
         if GRAD_STUDENT or GRAD_WEIGHTS:
             d_h = relu_backward(tl.dot(d_y, w2, input_precision=PRECISION), pre)
@@ -101,7 +105,7 @@ def _align_kernel(x_ptr, t_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, m_ptr, dx_ptr, d
                 d_b1 += tl.sum(d_h, axis=0)
             if GRAD_STUDENT:
                 d_x = tl.dot(d_h, w1, input_precision=PRECISION)
-                dx_offsets = n[:, None] * sdx_n + cs[None, :] * sdx_c + s[:, None] * sdx_s
+                dx_offsets = n[:, None] * sdx_n + cs_far[None, :] * sdx_c + s[:, None] * sdx_s
                 tl.store(dx_ptr + dx_offsets, stored_as(d_x, dx_ptr), mask=x_mask)
     row = pid.to(tl.int64)
     tl.store(loss_part_ptr + row, tl.sum(loss_sum, axis=0))
@@ -184,7 +188,7 @@ def align_fused_triton(student, teacher, w1, b1, w2, b2, margin, grad_student: b
     w1, w2 = w1.to(acc), w2.to(acc)
     pixels = batch * positions
     # Shared memory of a tile grows with the pixels it holds (see FUSED_MAX_CHANNELS).
-    block_p = 64 if student.is_cuda and acc == torch.float32 else 16
+    block_p = 64 if not INTERPRET and acc == torch.float32 else 16
     programs = _program_count(student.device, triton.cdiv(pixels, block_p))
     new = w1.new_zeros
     loss_part = new((programs,))

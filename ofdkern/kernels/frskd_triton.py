@@ -24,8 +24,9 @@ from .triton_helpers import accumulation_dtype, check_dense, launch
 _MAX_MULTIPLIED_EXPONENT = 8
 # Classes per KD program; rows up to this width are one program.
 _KD_CHUNK = 4096
-# |r| below which g(r) = r - 1 + exp(-r) comes from its series (csrc/frskd_math.h).
-_KD_SERIES_BOUND = 0.5
+# |r| below which g(r) = r - 1 + exp(-r) comes from its series (csrc/frskd_math.h). A constexpr: the
+# compiler takes no other globals into a kernel (the interpreter takes any).
+_KD_SERIES_BOUND = tl.constexpr(0.5)
 # F.normalize's eps.
 _NORMALIZE_EPS = 1e-12
 _MAPS_BLOCK = 1024
@@ -99,12 +100,26 @@ def _tile_shape(feature: torch.Tensor) -> tuple[int, int, int]:
     return 128, 8, 4
 
 
+def _position_blocks(batch: int, positions: int, block_p: int) -> tuple[int]:
+    """The 1-D grid of the map kernels: one program per block of a sample's positions (a 2-D grid's second axis
+    would stop at 65,535 blocks: a 1024x1024 channels_last map has 65,536)."""
+    return (batch * triton.cdiv(positions, block_p),)
+
+
+@triton.jit
+def _position_block(positions, BLOCK_P: tl.constexpr):
+    """(sample, its positions) of this program in the _position_blocks grid; 64-bit."""
+    blocks = tl.cdiv(positions, BLOCK_P)
+    pid = tl.program_id(0).to(tl.int64)
+    n = pid // blocks
+    return n, (pid - n * blocks) * BLOCK_P + tl.arange(0, BLOCK_P)
+
+
 @triton.jit
 def _attention_map_kernel(f_ptr, out_ptr, channels, positions, stride_n, stride_c, stride_s, p,
                           BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, P_SMALL: tl.constexpr,
                           P_INTEGRAL: tl.constexpr, P_ODD: tl.constexpr):
-    n = tl.program_id(0).to(tl.int64)
-    j = tl.program_id(1).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    n, j = _position_block(positions, BLOCK_P)
     lanes = tl.arange(0, BLOCK_C)
     acc_ty = out_ptr.dtype.element_ty
     sums = tl.zeros([BLOCK_P, BLOCK_C], acc_ty)
@@ -122,8 +137,7 @@ def _attention_map_backward_kernel(f_ptr, g_ptr, out_ptr, channels, positions, s
                                    out_stride_n, out_stride_c, out_stride_s, p, BLOCK_P: tl.constexpr,
                                    BLOCK_C: tl.constexpr, P_SMALL: tl.constexpr, P_INTEGRAL: tl.constexpr,
                                    P_ODD: tl.constexpr):
-    n = tl.program_id(0).to(tl.int64)
-    j = tl.program_id(1).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    n, j = _position_block(positions, BLOCK_P)
     lanes = tl.arange(0, BLOCK_C)
     acc_ty = g_ptr.dtype.element_ty
     # The mean's backward (g / C), then the power's, as autograd applies them.
@@ -145,7 +159,7 @@ def attention_map(feature: torch.Tensor, p: float) -> torch.Tensor:
     if out.numel() == 0:
         return out
     block_p, block_c, warps = _tile_shape(feature)
-    launch(_attention_map_kernel, (batch, triton.cdiv(positions, block_p)), feature, out, channels, positions,
+    launch(_attention_map_kernel, _position_blocks(batch, positions, block_p), feature, out, channels, positions,
            *feature.stride(), float(p), device=feature.device, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=warps,
            **_exponent_args(p))
     return out
@@ -163,7 +177,7 @@ def attention_map_backward(feature: torch.Tensor, grad_map: torch.Tensor, p: flo
     if out.numel() == 0:
         return out
     block_p, block_c, warps = _tile_shape(feature)
-    launch(_attention_map_backward_kernel, (batch, triton.cdiv(positions, block_p)), feature, grad_map, out,
+    launch(_attention_map_backward_kernel, _position_blocks(batch, positions, block_p), feature, grad_map, out,
            channels, positions, *feature.stride(), *out.stride(), float(p), device=feature.device,
            BLOCK_P=block_p, BLOCK_C=block_c, num_warps=warps, **_exponent_args(p))
     return out

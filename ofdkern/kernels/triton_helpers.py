@@ -16,16 +16,27 @@ import triton.language as tl
 from .._dtypes import accumulation_dtype
 
 __all__ = ["INTERPRET", "accumulation_dtype", "align_point", "align_teacher_share", "check_dense", "check_dtype",
-           "check_same_device", "check_shape", "dot_precision", "launch", "margin_relu", "margin_share", "ofd_point", "relu",
-           "relu_backward", "stored_as", "teacher_share"]
+           "check_same_device", "check_shape", "dot_precision", "float32_matmul_uses_tf32", "launch", "margin_relu",
+           "margin_share", "ofd_point", "relu", "relu_backward", "stored_as", "teacher_share"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def float32_matmul_uses_tf32() -> bool:
+    """Whether torch lets float32 CUDA matmuls run in TF32. From torch 2.9 on,
+    ``torch.backends.cuda.matmul.fp32_precision`` reports it however it was set (``allow_tf32``,
+    ``set_float32_matmul_precision``, the ``fp32_precision`` flags), while ``get_float32_matmul_precision``
+    raises once the new flags were used."""
+    try:
+        return torch.backends.cuda.matmul.fp32_precision == "tf32"
+    except AttributeError:  # torch < 2.9
+        return torch.get_float32_matmul_precision() != "highest"
+
+
 def dot_precision(dtype: torch.dtype) -> str:
-    """``tl.dot``'s input_precision: float32 dots follow torch's matmul precision (TF32 unless it is
-    "highest"); other dtypes ignore it. The interpreter computes in full precision."""
-    if INTERPRET or dtype != torch.float32 or torch.get_float32_matmul_precision() == "highest":
+    """``tl.dot``'s input_precision: float32 dots in TF32 when torch's matmuls may use it; other dtypes ignore
+    it. The interpreter computes in full precision."""
+    if INTERPRET or dtype != torch.float32 or not float32_matmul_uses_tf32():
         return "ieee"
     return "tf32"
 
