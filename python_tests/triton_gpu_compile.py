@@ -8,7 +8,10 @@ JIT would specialize it and compiled to a cubin for ``TARGETS``, and its grid is
 Nothing runs, so the outputs hold garbage; the entry points never read them on the host.
 
 Run by test_triton_gpu_compile.py in a process of its own (the interpreter is on in the tests' process):
-    python python_tests/triton_gpu_compile.py   # prints a JSON report; exit status 1 on any failure
+    python python_tests/triton_gpu_compile.py [sm_90,sm_80]   # a JSON report; exit status 1 on any failure
+
+The report also lists the specializations whose registers spill (ptxas's allotment, read with cuobjdump): a
+performance lead for a GPU session, not a failure.
 
 It relies on two internals of Triton's JIT (``create_function_from_signature``, ``JITFunction._pack_args``),
 as of Triton 3.8, to specialize a launch exactly as ``kernel[grid](...)`` would.
@@ -17,7 +20,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import subprocess
 import sys
+import tempfile
 
 if os.environ.get("TRITON_INTERPRET", "0") == "1":
     sys.exit("triton_gpu_compile.py needs the real Triton compiler: unset TRITON_INTERPRET")
@@ -31,6 +37,8 @@ from triton.runtime.jit import create_function_from_signature  # noqa: E402
 from ofdkern._layout import as_positions  # noqa: E402
 from ofdkern.kernels import align_tiled_triton, align_triton, frskd_triton, ofd_triton, scale_triton  # noqa: E402
 
+# Reads a cubin's registers and stack (spills) per thread; shipped with Triton's NVIDIA backend.
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 # H100/H200 (sm_90) and A100 (sm_80), with their per-block shared-memory limits (opt-in maximum).
 TARGETS = {"sm_90": (GPUTarget("cuda", 90, 32), 232448), "sm_80": (GPUTarget("cuda", 80, 32), 166912)}
 GRID_LIMITS = (2**31 - 1, 65535, 65535)
@@ -76,7 +84,21 @@ class Compiler:
                 self.failures.append(f"{self.context}: {name} on {target_name} needs {shared} bytes of shared "
                                      f"memory, over the {shared_limit} a block may have")
             self.compiled[key] = {"kernel": name, "target": target_name, "shared": shared,
-                                  "num_warps": options.num_warps, "num_stages": options.num_stages}
+                                  "num_warps": options.num_warps, "num_stages": options.num_stages,
+                                  "context": self.context, **_resource_usage(binary.asm["cubin"])}
+
+
+def _resource_usage(cubin: bytes) -> dict:
+    """Registers and stack bytes (spilled registers) per thread, as ptxas allotted them; empty without cuobjdump."""
+    if not os.path.exists(CUOBJDUMP):
+        return {}
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
+        file.write(cubin)
+        file.flush()
+        listing = subprocess.run([CUOBJDUMP, "--dump-resource-usage", file.name], capture_output=True,
+                                 text=True).stdout
+    found = re.search(r"REG:(\d+) STACK:(\d+)", listing)
+    return {"registers": int(found[1]), "stack": int(found[2])} if found else {}
 
 
 def _randn(shape, dtype, channels_last=False, device="cpu"):
@@ -173,8 +195,13 @@ def run(targets: dict) -> dict:
             except Exception as error:  # noqa: BLE001 - an entry point that fails before launching is a finding
                 compiler.failures.append(f"{compiler.context}: {type(error).__name__}: {error}")
     kernels = sorted({entry["kernel"] for entry in compiler.compiled.values()})
+    # Performance, not failures: specializations whose registers spill to the stack (worst first).
+    spills = sorted((entry for entry in compiler.compiled.values() if entry.get("stack")),
+                    key=lambda entry: -entry["stack"])
     return {"calls": calls, "specializations": len(compiler.compiled), "kernels": kernels,
-            "failures": compiler.failures}
+            "failures": compiler.failures,
+            "spills": [f"{e['kernel']} on {e['target']}: {e['registers']} registers, {e['stack']} stack bytes per "
+                       f"thread, {e['num_warps']} warps ({e['context']})" for e in spills]}
 
 
 if __name__ == "__main__":
