@@ -1,11 +1,13 @@
 """What every fused op owes its users, checked the same way on every op and every backend that runs it here:
 parity with the reference (as accurate as eager), NaN/Inf like the reference, layouts, mixed dtypes, empty
-inputs, autocast, determinism across thread counts, double backward refused, opcheck, torch.compile of a
-training step, and a device other than the current one."""
+inputs, autocast, determinism across thread counts, double backward refused, opcheck, the eager path against the
+custom op (FusedOp), torch.jit.trace, torch.compile of a training step, and a device other than the current one."""
 from __future__ import annotations
 
 import pytest
 import torch
+
+import ofdkern
 
 from conftest import DEVICES, assert_same_bits_with_one_thread, backends_for
 from op_cases import CASES, FLOAT_DTYPES, KD
@@ -148,6 +150,18 @@ def test_eager_call_matches_the_custom_op(case, device, backend, dtype, layout):
         assert generated in other[2]
         assert torch.equal(eager[0], other[0])
         assert all(torch.equal(a, b) for a, b in zip(eager[1], other[1], strict=True))
+
+
+def test_jit_trace_records_the_custom_op():
+    # torch.jit.trace cannot record the eager path's autograd.Function; it gets the custom op. (Its check, which
+    # reruns the function without grad, would see other gradient flags baked in: hence check_trace=False.)
+    student, teacher = KD.make("cpu", torch.float32)
+    traced = torch.jit.trace(lambda s, t: ofdkern.kd_loss(s, t, backend="cpu"), (student, teacher),
+                             check_trace=False)
+    assert "ofdkern::kd_loss_fused" in str(traced.graph)
+    loss = traced(student, teacher)
+    assert torch.equal(loss, ofdkern.kd_loss(student, teacher, backend="cpu"))
+    assert loss.grad_fn is not None
 
 
 @pytest.mark.parametrize("case,device,backend,dtype,layout", _cases())

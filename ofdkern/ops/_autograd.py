@@ -44,8 +44,8 @@ class FusedOp:
     the ones registered on the custom op, so both paths compute the same bits. It skips the custom op's
     dispatch in Python, which costs more than a CIFAR-sized kernel: about 60-90 us per training step of a
     128x100 KD on a 2-core CPU (``fill_defaults`` alone grows with the square of the argument count).
-    Tracing (torch.compile, make_fx, fake tensors), functorch transforms and tensor subclasses get the custom
-    op itself."""
+    Tracing (torch.compile, make_fx, fake tensors, torch.jit.trace), functorch transforms and tensor subclasses
+    get the custom op itself."""
 
     def __init__(self, name: str, forward: Callable):
         self.name = name.split("::")[-1]
@@ -75,7 +75,7 @@ class FusedOp:
         """The op on ``inputs``; arguments after the positional ones may be named (all of them, in order)."""
         if named:
             inputs = (*inputs, *(named[name] for name in self._parameters[len(inputs):]))
-        if (tracing() or torch._C._are_functorch_transforms_active()
+        if (tracing() or torch.jit.is_tracing() or torch._C._are_functorch_transforms_active()
                 or any(isinstance(x, torch.Tensor) and type(x) not in _PLAIN_TENSORS for x in inputs)):
             return self.custom_op(*inputs)
         if torch.is_grad_enabled() and torch._C._any_requires_grad(*inputs):
