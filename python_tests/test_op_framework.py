@@ -152,6 +152,7 @@ def test_eager_call_matches_the_custom_op(case, device, backend, dtype, layout):
         assert all(torch.equal(a, b) for a, b in zip(eager[1], other[1], strict=True))
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::torch.jit.TracerWarning")  # deprecated; shapes
 def test_jit_trace_records_the_custom_op():
     # torch.jit.trace cannot record the eager path's autograd.Function; it gets the custom op. (Its check, which
     # reruns the function without grad, would see other gradient flags baked in: hence check_trace=False.)
