@@ -23,7 +23,7 @@ from .._backends import Backend, has_kernel, register_op, resolve
 from .._dtypes import accumulation_dtype, result_dtype
 from .._layout import walkable
 from .._validation import check_channel_align_args
-from ._autograd import fused_op, backward_scale, input_gradient, setup_scaled_backward
+from ._autograd import backward_scale, fused_op, input_gradient, setup_scaled_backward
 from ._common import autocast_loss, autocast_off, divide_by_count, reduction_count
 
 ALIGN = register_op("channel_align_loss", cpu=Backend(("ofdkern::align_fused",)),

@@ -20,7 +20,7 @@ from .._backends import Backend, register_op, resolve
 from .._dtypes import accumulation_dtype, result_dtype
 from .._layout import as_positions
 from .._validation import check_attention_transfer_args, check_kd_args
-from ._autograd import fused_op, backward_scale, input_gradient, setup_scaled_backward, tracing
+from ._autograd import backward_scale, fused_op, input_gradient, setup_scaled_backward, tracing
 from ._common import autocast_loss, autocast_off, divide_by_count, reduction_count
 
 # What attention_transfer_forward (a composite, csrc/frskd_op.cpp) and the backward run on the device.

@@ -13,7 +13,7 @@ from .. import reference
 from .._backends import Backend, register_op, resolve
 from .._dtypes import result_dtype
 from .._validation import check_ofd_args
-from ._autograd import fused_op, backward_scale, input_gradient, setup_scaled_backward
+from ._autograd import backward_scale, fused_op, input_gradient, setup_scaled_backward
 from ._common import autocast_loss, autocast_off, divide_by_count, reduction_count
 
 OFD = register_op("ofd_loss", cpu=Backend(("ofdkern::ofd_fused",)), cuda=Backend(("ofdkern::ofd_fused",)),
