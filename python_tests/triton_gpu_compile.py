@@ -34,6 +34,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
+from ofdkern._dtypes import accumulation_dtype  # noqa: E402
 from ofdkern._layout import as_positions  # noqa: E402
 from ofdkern.kernels import align_tiled_triton, align_triton, frskd_triton, ofd_triton, scale_triton  # noqa: E402
 
@@ -114,7 +115,7 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 def _ofd_and_scale():
     for dtype in DTYPES:
-        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        acc = accumulation_dtype(dtype)
         for channels_last in (False, True):
             s, t = _randn((2, 8, 5, 6), dtype, channels_last), _randn((2, 8, 5, 6), dtype, channels_last)
             margin = -torch.rand(8, dtype=acc)
@@ -132,7 +133,7 @@ def _align():
         for dtype in DTYPES:
             # Features in the weights' dtype, and (AMP) half-precision features with float32 weights.
             feature_dtypes = (dtype, torch.bfloat16) if dtype == torch.float32 else (dtype,)
-            acc = torch.float64 if dtype == torch.float64 else torch.float32
+            acc = accumulation_dtype(dtype)
             for feature_dtype in feature_dtypes:
                 for channels_last in (False, True):
                     for with_margin in (False, True):
@@ -149,7 +150,7 @@ def _align():
 
 def _attention():
     for dtype in DTYPES:
-        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        acc = accumulation_dtype(dtype)
         for channels_last in (False, True):
             for p in (2.0, 3.0, 2.5):
                 s = as_positions(_randn((2, 4, 6, 7), dtype, channels_last))

@@ -185,8 +185,7 @@ def align_tiled_triton(student3, teacher3, w1, b1, w2, b2, margin, d_student3, d
     # The dots run in the compute dtype; under the interpreter, half precision in float32 (its half-precision
     # dots are wrong).
     dot = _TRITON_DTYPES[torch.float32 if INTERPRET and compute.itemsize == 2 else compute]
-    meta = dict(ACC=tl.float64 if acc == torch.float64 else tl.float32, DOT=dot, PRECISION=dot_precision(compute),
-                BLOCK_K=_BLOCK_K)
+    meta = dict(ACC=_TRITON_DTYPES[acc], DOT=dot, PRECISION=dot_precision(compute), BLOCK_K=_BLOCK_K)
     unused = _PixelOperand(b1, 0, 0, 0, 0, 0)  # any tensor: the kernel never reads an operand it does not use
 
     def gemm(a, weight_k_n, out, N, K, epilogue, aux=unused, d_aux=None, bias=b1, loss_parts=None,
