@@ -223,6 +223,24 @@ def test_triton_wide_channels(channels_last):
     assert_parity(op_cases.ALIGN.fused("triton"), op_cases.ALIGN.reference, planted, names=op_cases.ALIGN.names)
 
 
+@needs_triton
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_triton_at_gpu_launch_sizes(channels_last):
+    # A GPU's tiling under the interpreter (whose own blocks are 16 wide). The fused kernel's float32 tiles of
+    # 64 pixels: 180 pixels make three, the last partial. The tiled pipeline's blocks of 64 pixels x 64
+    # channels with K-steps of 32: 147 pixels make three pixel blocks, and 96, 160 and 200 channels end in
+    # partial channel blocks and K-steps.
+    from ofdkern.kernels.triton_helpers import gpu_launch_sizes
+
+    wide_margin = -torch.rand(200, generator=torch.Generator().manual_seed(1), dtype=torch.float64) - 0.1
+    with gpu_launch_sizes():
+        for dtype, rtol in ((torch.float32, 2e-5), (torch.float64, 1e-10)):
+            narrow = make_inputs(spatial=(6, 10), dtype=dtype, channels_last=channels_last)
+            check(narrow, make_margin(dtype), "sum", "triton", rtol)
+            check(_wide_inputs(3, (7, 7), dtype, channels_last), wide_margin.to(dtype), "mean", "triton", rtol)
+        check(_wide_inputs(3, (7, 7), torch.bfloat16, channels_last), wide_margin.float(), "sum", "triton", 2e-2)
+
+
 @pytest.mark.parametrize("backend", ["cpu"] + (["triton"] if TRITON_HERE else []))
 def test_gradients_only_where_asked(backend):
     inputs = make_inputs(teacher_grad=False)

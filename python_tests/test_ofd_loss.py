@@ -326,6 +326,22 @@ def test_mixed_feature_dtypes(device, backend):
     assert_close(grad, grad_s, "grad student", STORE_RTOL[torch.bfloat16])
 
 
+@pytest.mark.skipif("cpu" not in STATUS["triton"]["devices"],
+                    reason="runs the GPU's launch sizes under the Triton interpreter; a GPU runs them for real")
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+def test_triton_at_gpu_launch_sizes(layout):
+    # The GPU's blocks of 4,096 elements (the interpreter's are 256): 10,989 elements make three programs, the
+    # last one partial, with channel runs crossing block boundaries.
+    from ofdkern.kernels.triton_helpers import gpu_launch_sizes, launch_size
+
+    with gpu_launch_sizes():
+        assert launch_size(gpu=4096, interpreted=256) == 4096
+        for dtype in (torch.float32, torch.bfloat16, torch.float64):
+            for reduction in ("sum", "none"):
+                run_case("cpu", "triton", (3, 37, 9, 11), dtype, layout, reduction, grads=(True, True, True))
+    assert launch_size(gpu=4096, interpreted=256) == 256
+
+
 # ---- bad input: a clear error naming the argument -------------------------------------------------------
 
 def _bad_calls():

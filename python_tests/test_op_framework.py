@@ -1,15 +1,18 @@
 """What every fused op owes its users, checked the same way on every op and every backend that runs it here:
 parity with the reference (as accurate as eager), NaN/Inf like the reference, layouts, mixed dtypes, empty
 inputs, autocast, determinism across thread counts, double backward refused, opcheck, the eager path against the
-custom op (FusedOp), torch.jit.trace, torch.compile of a training step, and a device other than the current one."""
+custom op (FusedOp), torch.jit.trace, torch.compile of a training step, a device other than the current one, and
+the Triton backward's gradient scaling."""
 from __future__ import annotations
+
+import contextlib
 
 import pytest
 import torch
 
 import ofdkern
 
-from conftest import DEVICES, assert_same_bits_with_one_thread, backends_for
+from conftest import DEVICES, STATUS, assert_same_bits_with_one_thread, backends_for
 from op_cases import CASES, FLOAT_DTYPES, KD
 from parity import assert_parity
 
@@ -211,3 +214,30 @@ def test_tensors_on_a_device_other_than_the_current_one(case, device, backend, d
     with torch.cuda.device(0):
         inputs = case.make("cuda:1", torch.float32)
         assert_parity(case.fused(backend), case.reference, inputs, names=case.names)
+
+
+@pytest.mark.skipif("cpu" not in STATUS["triton"]["devices"],
+                    reason="the interpreter's run of a GPU-only kernel; on a GPU every Triton backward runs it")
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_triton_scale_kernel_rounds_once(dtype):
+    # The Triton backends scale saved gradients by grad_output with this kernel on a GPU only (CPU tensors take
+    # torch's mul_): here it runs directly, at the interpreter's blocks and at a GPU's (10,001 elements: three
+    # blocks of 4,096, the last partial). The factor stays in the accumulation dtype: one rounding per element.
+    from ofdkern._dtypes import accumulation_dtype
+    from ofdkern.kernels.scale_triton import scale_triton_
+    from ofdkern.kernels.triton_helpers import gpu_launch_sizes
+
+    gradient = torch.randn(10_001, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(dtype)
+    factor = torch.tensor(1 / 3, dtype=accumulation_dtype(dtype))
+    expected = (gradient.to(factor.dtype) * factor).to(dtype)
+    for sizes in (contextlib.nullcontext, gpu_launch_sizes):
+        scaled = gradient.clone()
+        with sizes():
+            scale_triton_(scaled, factor)
+        if dtype == torch.bfloat16:
+            # The interpreter truncates float32 to bfloat16 where a GPU rounds to nearest: one ulp apart.
+            torch.testing.assert_close(scaled, expected, rtol=2**-7, atol=0)
+        else:
+            assert torch.equal(scaled, expected)
+    with pytest.raises(TypeError, match="factor must have dtype"):
+        scale_triton_(gradient.clone(), factor.to(torch.float16))

@@ -23,14 +23,15 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_helpers import (INTERPRET, align_point, align_teacher_share, dot_precision, launch, relu, relu_backward,
-                             stored_as)
+from .triton_helpers import (INTERPRET, align_point, align_teacher_share, dot_precision, launch, launch_size, relu,
+                             relu_backward, stored_as)
 
 _BIAS_RELU, _LOSS, _RELU_BACKWARD, _STORE = 0, 1, 2, 3
 _TRITON_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
                   torch.float64: tl.float64}
-# Interpreter: tl.dot needs every dim >= 16, and small blocks keep several programs and K-steps in tiny tests.
-_BLOCK_Q, _BLOCK_N, _BLOCK_K = (16, 16, 16) if INTERPRET else (64, 64, 32)
+# (pixels, output channels, K) per program; the interpreter's: tl.dot needs every dim >= 16, and small blocks
+# keep several programs and K-steps in tiny tests.
+_GPU_BLOCKS, _INTERPRETED_BLOCKS = (64, 64, 32), (16, 16, 16)
 # Tile scratch budget (H, dY, dH): like the CUDA kernel's, an eighth of what every pixel would take, within
 # bounds.
 _MIN_TILE_BYTES, _MAX_TILE_BYTES = 8 << 20, 256 << 20
@@ -185,33 +186,34 @@ def align_tiled_triton(student3, teacher3, w1, b1, w2, b2, margin, d_student3, d
     # The dots run in the compute dtype; under the interpreter, half precision in float32 (its half-precision
     # dots are wrong).
     dot = _TRITON_DTYPES[torch.float32 if INTERPRET and compute.itemsize == 2 else compute]
-    meta = dict(ACC=_TRITON_DTYPES[acc], DOT=dot, PRECISION=dot_precision(compute), BLOCK_K=_BLOCK_K)
+    block_q, block_n, block_k = launch_size(gpu=_GPU_BLOCKS, interpreted=_INTERPRETED_BLOCKS)
+    meta = dict(ACC=_TRITON_DTYPES[acc], DOT=dot, PRECISION=dot_precision(compute), BLOCK_K=block_k)
     unused = _PixelOperand(b1, 0, 0, 0, 0, 0)  # any tensor: the kernel never reads an operand it does not use
 
     def gemm(a, weight_k_n, out, N, K, epilogue, aux=unused, d_aux=None, bias=b1, loss_parts=None,
              bias_grad_parts=None):
-        grid = (triton.cdiv(pixels, _BLOCK_Q), triton.cdiv(N, _BLOCK_N))
+        grid = (triton.cdiv(pixels, block_q), triton.cdiv(N, block_n))
         launch(_pixel_gemm_kernel, grid, *a.args, weight_k_n, weight_k_n.stride(0), weight_k_n.stride(1),
                *out.args, *aux.args, d_aux if d_aux is not None else b1, bias,
                margin if margin is not None else b1, loss_parts if loss_parts is not None else b1,
                bias_grad_parts if bias_grad_parts is not None else b1, pixels, positions_in_tile, K, N,
                device=w1.device, EPILOGUE=epilogue, HAS_MARGIN=margin is not None, GRAD_AUX=d_aux is not None,
-               BIAS_GRAD=bias_grad_parts is not None, BLOCK_Q=_BLOCK_Q, BLOCK_N=_BLOCK_N, **meta)
+               BIAS_GRAD=bias_grad_parts is not None, BLOCK_Q=block_q, BLOCK_N=block_n, **meta)
 
     def weight_gradient(a, b, out):
         M, N = out.shape
-        grid = (triton.cdiv(M, _BLOCK_N), triton.cdiv(N, _BLOCK_N))
+        grid = (triton.cdiv(M, block_n), triton.cdiv(N, block_n))
         launch(_weight_gradient_kernel, grid, *a.args, *b.args, out, pixels, positions_in_tile, M, N,
-               device=w1.device, BLOCK_M=_BLOCK_N, BLOCK_N=_BLOCK_N, **meta)
+               device=w1.device, BLOCK_M=block_n, BLOCK_N=block_n, **meta)
 
     for tile in tiles:
         pixels, positions_in_tile = tile[1] * tile[3], tile[3]
         x = _PixelOperand.feature(student3, tile)
         h = _PixelOperand.scratch(h_buffer, tile, hidden)
         y = _PixelOperand.scratch(y_buffer, tile, t_channels)
-        q_blocks = triton.cdiv(pixels, _BLOCK_Q)
+        q_blocks = triton.cdiv(pixels, block_q)
         gemm(x, w1.t(), h, hidden, s_channels, _BIAS_RELU)
-        loss_parts = torch.empty(q_blocks * triton.cdiv(t_channels, _BLOCK_N), dtype=acc, device=w1.device)
+        loss_parts = torch.empty(q_blocks * triton.cdiv(t_channels, block_n), dtype=acc, device=w1.device)
         db2_parts = torch.empty((q_blocks, t_channels), dtype=acc, device=w1.device) if d_weights else None
         gemm(h, w2.t(), y, t_channels, hidden, _LOSS, aux=_PixelOperand.feature(teacher3, tile),
              d_aux=d_teacher3, bias=b2, loss_parts=loss_parts, bias_grad_parts=db2_parts)

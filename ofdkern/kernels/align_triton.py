@@ -19,8 +19,9 @@ import triton.language as tl
 
 from .._layout import as_positions, walks_in_place
 from .align_tiled_triton import align_tiled_triton
-from .triton_helpers import (INTERPRET, accumulation_dtype, check_dense, check_dtype, check_same_device, check_shape,
-                             dot_precision, launch, ofd_point, relu, relu_backward, stored_as, teacher_share)
+from .triton_helpers import (accumulation_dtype, check_dense, check_dtype, check_same_device, check_shape,
+                             dot_precision, launch, launch_size, ofd_point, relu, relu_backward, stored_as,
+                             teacher_share)
 
 _INTERPRETED_PROGRAMS = 3  # few programs under the interpreter, each looping over several tiles
 _PROGRAMS_PER_SM = 2
@@ -188,7 +189,7 @@ def align_fused_triton(student, teacher, w1, b1, w2, b2, margin, grad_student: b
     w1, w2 = w1.to(acc), w2.to(acc)
     pixels = batch * positions
     # Shared memory of a tile grows with the pixels it holds (see FUSED_MAX_CHANNELS).
-    block_p = 64 if not INTERPRET and acc == torch.float32 else 16
+    block_p = launch_size(gpu=64, interpreted=16) if acc == torch.float32 else 16
     programs = _program_count(student.device, triton.cdiv(pixels, block_p))
     new = w1.new_zeros
     loss_part = new((programs,))

@@ -12,13 +12,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_helpers import (INTERPRET, accumulation_dtype, check_dense, check_dtype, check_same_device,
-                             check_shape, launch, margin_share, ofd_point, teacher_share)
+from .triton_helpers import (accumulation_dtype, check_dense, check_dtype, check_same_device, check_shape, launch,
+                             launch_size, margin_share, ofd_point, teacher_share)
 
 # GPU: 4096 elements per program, 16 per thread over 8 warps, so each thread issues several 128-bit loads
 # and the partial vector stays ~1/4096 of the features. Interpreter: tiny test shapes should still span
 # several programs (partials, masked tails, channels wrapping across program boundaries).
-_BLOCK = 256 if INTERPRET else 4096
+_GPU_BLOCK, _INTERPRETED_BLOCK = 4096, 256
 _NUM_WARPS = 8
 
 
@@ -125,7 +125,8 @@ def ofd_fused_triton(student: torch.Tensor, teacher: torch.Tensor, margin: torch
     """The fused OFD op (schema in csrc/ofd_fused.h): (loss, grad_student, grad_teacher, grad_margin).
     When the loss is reduced it is a vector of partial sums whose fixed-order sum is the loss."""
     numel = student.numel()
-    programs = triton.cdiv(numel, _BLOCK)
+    block = launch_size(gpu=_GPU_BLOCK, interpreted=_INTERPRETED_BLOCK)
+    programs = triton.cdiv(numel, block)
     outputs = _allocate_fused_outputs(student, teacher, margin, elementwise, grad_student, grad_teacher,
                                       grad_margin, programs)
     if numel == 0:
@@ -134,9 +135,9 @@ def ofd_fused_triton(student: torch.Tensor, teacher: torch.Tensor, margin: torch
     # A size-1 channel dim may carry any stride: every element is then channel 0.
     channel_stride = 1 if channels == 1 else student.stride(1)
     # Per-element dividends must stay under 2^31 for the magic-number division; else 64-bit division.
-    wide_index = max(channel_stride, channels) + _BLOCK > 2**31
+    wide_index = max(channel_stride, channels) + block > 2**31
     launch(_ofd_fused_kernel, (programs,), student, teacher, margin, *outputs,
            numel, channel_stride, channels, *_magic_divider(channel_stride), *_magic_divider(channels),
            device=student.device, ELEMENTWISE=elementwise, GRAD_STUDENT=grad_student, GRAD_TEACHER=grad_teacher,
-           GRAD_MARGIN=grad_margin, WIDE_INDEX=wide_index, BLOCK=_BLOCK, num_warps=_NUM_WARPS)
+           GRAD_MARGIN=grad_margin, WIDE_INDEX=wide_index, BLOCK=block, num_warps=_NUM_WARPS)
     return outputs

@@ -6,9 +6,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_helpers import INTERPRET, accumulation_dtype, check_dense, check_dtype, check_shape, launch
+from .triton_helpers import accumulation_dtype, check_dense, check_dtype, check_shape, launch, launch_size
 
-_BLOCK = 256 if INTERPRET else 4096
+_GPU_BLOCK, _INTERPRETED_BLOCK = 4096, 256
 _NUM_WARPS = 8
 
 
@@ -34,5 +34,6 @@ def scale_triton_(gradient: torch.Tensor, factor: torch.Tensor) -> None:
     numel = gradient.numel()
     if numel == 0:
         return
-    launch(_scale_kernel, (triton.cdiv(numel, _BLOCK),), gradient, factor, numel, device=gradient.device,
-           BLOCK=_BLOCK, num_warps=_NUM_WARPS)
+    block = launch_size(gpu=_GPU_BLOCK, interpreted=_INTERPRETED_BLOCK)
+    launch(_scale_kernel, (triton.cdiv(numel, block),), gradient, factor, numel, device=gradient.device,
+           BLOCK=block, num_warps=_NUM_WARPS)

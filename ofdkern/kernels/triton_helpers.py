@@ -16,10 +16,32 @@ import triton.language as tl
 from .._dtypes import accumulation_dtype
 
 __all__ = ["INTERPRET", "accumulation_dtype", "align_point", "align_teacher_share", "check_dense", "check_dtype",
-           "check_same_device", "check_shape", "dot_precision", "float32_matmul_uses_tf32", "launch", "margin_relu",
-           "margin_share", "ofd_point", "relu", "relu_backward", "stored_as", "teacher_share"]
+           "check_same_device", "check_shape", "dot_precision", "float32_matmul_uses_tf32", "gpu_launch_sizes",
+           "launch", "launch_size", "margin_relu", "margin_share", "ofd_point", "relu", "relu_backward", "stored_as",
+           "teacher_share"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Set by gpu_launch_sizes(): the interpreter then runs the launches a GPU would get.
+_interpret_gpu_sizes = False
+
+
+def launch_size(gpu, interpreted):
+    """A launch parameter (a block size, a tile shape): ``gpu`` on a GPU; under the interpreter
+    ``interpreted``, small enough that tiny test shapes still take several programs and loop steps, unless
+    ``gpu_launch_sizes`` is active."""
+    return interpreted if INTERPRET and not _interpret_gpu_sizes else gpu
+
+
+@contextlib.contextmanager
+def gpu_launch_sizes():
+    """Within it, the interpreter launches the kernels with a GPU's block sizes: the GPU's tiling, masks and
+    partial blocks checked without a GPU (the dots' dtypes and precision stay the interpreter's)."""
+    global _interpret_gpu_sizes
+    previous, _interpret_gpu_sizes = _interpret_gpu_sizes, True
+    try:
+        yield
+    finally:
+        _interpret_gpu_sizes = previous
 
 
 def float32_matmul_uses_tf32() -> bool:
