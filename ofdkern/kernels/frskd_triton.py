@@ -342,15 +342,23 @@ def _kd_row_stats(stats_ptr, row, chunks, inv_temperature, CHUNKS: tl.constexpr)
 
 
 @triton.jit
-def _kd_stats_kernel(s_ptr, t_ptr, stats_ptr, classes, chunks, inv_t_head, inv_t_tail, BLOCK: tl.constexpr):
+def _kd_chunk(s_ptr, t_ptr, classes, FILL: tl.constexpr, acc_ty: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's (row, chunk, class offsets, mask, student logits, teacher logits) in the accumulation
+    dtype; classes past the row read as FILL."""
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     k = chunk * BLOCK + tl.arange(0, BLOCK)
     mask = k < classes
+    x = tl.load(s_ptr + row * classes + k, mask=mask, other=FILL).to(acc_ty)
+    y = tl.load(t_ptr + row * classes + k, mask=mask, other=FILL).to(acc_ty)
+    return row, chunk, k, mask, x, y
+
+
+@triton.jit
+def _kd_stats_kernel(s_ptr, t_ptr, stats_ptr, classes, chunks, inv_t_head, inv_t_tail, BLOCK: tl.constexpr):
     acc_ty = stats_ptr.dtype.element_ty
     inv_temperature = _joined(inv_t_head, inv_t_tail, acc_ty)
-    x = tl.load(s_ptr + row * classes + k, mask=mask, other=float("-inf")).to(acc_ty)
-    y = tl.load(t_ptr + row * classes + k, mask=mask, other=float("-inf")).to(acc_ty)
+    row, chunk, k, mask, x, y = _kd_chunk(s_ptr, t_ptr, classes, float("-inf"), acc_ty, BLOCK)
     max_s, _, sum_s = _softmax_stats(x, inv_temperature)
     max_t, _, sum_t = _softmax_stats(y, inv_temperature)
     out = stats_ptr + (row * chunks + chunk) * 4
@@ -366,15 +374,10 @@ def _kd_terms_kernel(s_ptr, t_ptr, stats_ptr, partial_ptr, loss_ptr, gs_ptr, gt_
                      SERIES_LAST: tl.constexpr, GRAD_STUDENT: tl.constexpr, GRAD_TEACHER: tl.constexpr):
     """CHUNKS == 1: the whole row (stats, terms, loss and both gradients); else one chunk's terms, student
     gradient and share of KL, with the row merged from the stats kernel's output."""
-    row = tl.program_id(0).to(tl.int64)
-    chunk = tl.program_id(1)
-    k = chunk * BLOCK + tl.arange(0, BLOCK)
-    mask = k < classes
     acc_ty = partial_ptr.dtype.element_ty
     temperature = _joined(t_head, t_tail, acc_ty)
     inv_temperature = _joined(inv_t_head, inv_t_tail, acc_ty)
-    x = tl.load(s_ptr + row * classes + k, mask=mask, other=float("-inf")).to(acc_ty)
-    y = tl.load(t_ptr + row * classes + k, mask=mask, other=float("-inf")).to(acc_ty)
+    row, chunk, k, mask, x, y = _kd_chunk(s_ptr, t_ptr, classes, float("-inf"), acc_ty, BLOCK)
     if CHUNKS == 1:
         max_s, e_s, sum_s = _softmax_stats(x, inv_temperature)
         max_t, e_t, sum_t = _softmax_stats(y, inv_temperature)
@@ -416,15 +419,10 @@ def _kd_finish_kernel(partial_ptr, loss_ptr, row_kl_ptr, chunks, t2_head, t2_tai
 @triton.jit
 def _kd_teacher_grad_kernel(s_ptr, t_ptr, stats_ptr, row_kl_ptr, gt_ptr, classes, chunks, t_head, t_tail,
                             inv_t_head, inv_t_tail, BLOCK: tl.constexpr, CHUNKS: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    chunk = tl.program_id(1)
-    k = chunk * BLOCK + tl.arange(0, BLOCK)
-    mask = k < classes
     acc_ty = row_kl_ptr.dtype.element_ty
     temperature = _joined(t_head, t_tail, acc_ty)
     inv_temperature = _joined(inv_t_head, inv_t_tail, acc_ty)
-    x = tl.load(s_ptr + row * classes + k, mask=mask, other=0).to(acc_ty)
-    y = tl.load(t_ptr + row * classes + k, mask=mask, other=0).to(acc_ty)
+    row, chunk, k, mask, x, y = _kd_chunk(s_ptr, t_ptr, classes, 0.0, acc_ty, BLOCK)
     max_s, sum_s, max_t, sum_t = _kd_row_stats(stats_ptr, row, chunks, inv_temperature, CHUNKS)
     p_t = tl.exp((y - _shift(max_t)) * inv_temperature) * (1.0 / sum_t)
     r = _kd_log_ratio(x, y, _shift(max_s), _shift(max_t), inv_temperature, tl.log(sum_s / sum_t))
