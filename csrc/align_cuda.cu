@@ -2,7 +2,9 @@
 // through ATen in the compute dtype (tensor cores for bfloat16/float16; for float32, TF32 exactly when torch's
 // matmul precision allows it), and one elementwise kernel after each forward GEMM and after dH.
 //
-// Per tile: H = W1 X and the bias + ReLU kernel; Y = W2 H and the loss kernel (dY in place of Y, the teacher's
+// Per tile: H = W1 X + b1 as one GEMM (each pre-activation rounded once, as eager's convolution with its bias
+// does and the CPU pipeline's GEMM, so that ReLU's mask is the exact one's) and the ReLU kernel (NaN stays NaN);
+// Y = W2 H and the loss kernel (dY in place of Y, the teacher's
 // gradient, per-block loss partials); dW2 += dY H^T and db2 += rows(dY) (accumulated in float32 for half
 // precision); dH = W2^T dY and the ReLU-backward kernel; dW1 += dH X^T, db1 += rows(dH); d student = W1^T dH.
 // Determinism: cuBLAS and ATen's sums give the same bits run to run, the loss partials come from a grid that
@@ -22,13 +24,12 @@
 namespace ofdkern {
 namespace {
 
-// h = relu(h + bias[c]) over a channel-major (channels, pixels) buffer.
+// h = relu(h), elementwise.
 template <typename gemm_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads)
-    bias_relu_kernel(gemm_t* h, const acc_t* bias, int64_t pixels, int64_t numel) {
+__global__ void __launch_bounds__(kThreads) relu_kernel(gemm_t* h, int64_t numel) {
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < numel;
        i += static_cast<int64_t>(gridDim.x) * kThreads) {
-    h[i] = static_cast<gemm_t>(relu<ScalarMath<acc_t>>(static_cast<acc_t>(h[i]) + bias[i / pixels]));
+    h[i] = static_cast<gemm_t>(relu<ScalarMath<acc_t>>(static_cast<acc_t>(h[i])));
   }
 }
 
@@ -110,13 +111,16 @@ struct CudaDevice {
     const c10::DeviceIndex device = p.w1.device().index();
     TileBuffer x = p.x(tile), h = p.h(tile), y = p.y(tile);
     x.grid.copy_(as_grid(feature_tile(p.student, tile)));
-    at::mm_out(h.matrix, p.w1, x.matrix);
-    const int64_t hidden_numel = h.matrix.numel(), pixels = tile.pixels();
+    // H^T = X^T W1^T + b1 (the bias along H^T's rows, as addmm takes it; in the GEMM dtype, which a bias in the
+    // accumulation dtype converts to exactly: both come from one compute dtype).
+    at::Tensor h_rows = h.matrix.t();
+    at::addmm_out(h_rows, p.b1.to(p.w1.scalar_type()), x.matrix.t(), p.w1.t());
+    const int64_t hidden_numel = h.matrix.numel();
     with_gemm_type(p.w1.scalar_type(), [&](auto zero) {
       using gemm_t = decltype(zero);
       using acc_t = accumulation_t<gemm_t>;
-      bias_relu_kernel<gemm_t, acc_t><<<grid_size(hidden_numel, device), kThreads, 0, stream()>>>(
-          h.matrix.mutable_data_ptr<gemm_t>(), p.b1.const_data_ptr<acc_t>(), pixels, hidden_numel);
+      relu_kernel<gemm_t, acc_t><<<grid_size(hidden_numel, device), kThreads, 0, stream()>>>(
+          h.matrix.mutable_data_ptr<gemm_t>(), hidden_numel);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       at::mm_out(y.matrix, p.w2, h.matrix);
       run_loss<gemm_t, acc_t>(p, tile, y);

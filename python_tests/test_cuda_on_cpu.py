@@ -1,0 +1,153 @@
+"""The CUDA kernels of csrc/*.cu, run without a GPU: built for the CPU under cuda_on_cpu.h's emulation of CUDA
+and put behind the public ops in place of the CPU kernels (``backend="cpu"`` on CPU tensors), then checked like
+every backend: parity with the reference (as accurate as eager against float64), every reduction, NaN/Inf,
+layouts and ranks, plus shapes that take the kernels' other paths (several tiles, wide KD rows, channels past a
+block) and the backward's scaling kernel. What the emulation leaves to a GPU run: races and the memory model
+(compute-sanitizer), device math intrinsics, speed."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ofdkern
+from ofdkern.ops import align, frskd, ofd
+
+import cuda_on_cpu
+import op_cases
+from conftest import STATUS
+from op_cases import ALIGN, ALIGN_OFD, ATTENTION, CASES, FLOAT_DTYPES, KD, OFD
+from parity import assert_parity
+
+pytestmark = pytest.mark.skipif(not STATUS["cpu"]["built"],
+                                reason="builds with the C++ toolchain that built ofdkern's CPU kernels")
+
+
+@pytest.fixture(scope="module")
+def emulated():
+    return cuda_on_cpu.load()
+
+
+@pytest.fixture
+def cuda_kernels(emulated, monkeypatch):
+    """``backend="cpu"`` runs the emulated CUDA kernels (the backends' kernel lookups, patched)."""
+    def attention_transfer_forward(student, teacher, p, count):
+        # csrc/frskd_op.cpp's composite, on the emulated kernels.
+        map_student, map_teacher = emulated.attention_map(student, p), emulated.attention_map(teacher, p)
+        dtype = torch.promote_types(map_student.dtype, map_teacher.dtype)
+        row_loss, grad_student, grad_teacher = emulated.attention_transfer_maps(
+            map_student.to(dtype), map_teacher.to(dtype), True, True)
+        loss = row_loss.sum() if count == 1 else row_loss.sum() / count
+        return (loss.to(torch.promote_types(student.dtype, teacher.dtype)), grad_student.to(map_student.dtype),
+                grad_teacher.to(map_teacher.dtype))
+
+    monkeypatch.setattr(ofd, "_fused_kernel", lambda backend: emulated.ofd_fused.default)
+    monkeypatch.setattr(align, "_kernel", lambda backend: emulated.align_fused.default)
+    monkeypatch.setattr(frskd, "_kernels", lambda backend: frskd._Kernels(
+        attention_transfer_forward, emulated.attention_map_backward.default, emulated.kd_fused.default))
+    return emulated
+
+
+def _params(cases=CASES, dtypes=(torch.float32,), layouts=False):
+    return [pytest.param(case, dtype, layout, id=f"{case.id}-{str(dtype)[6:]}-{layout}")
+            for case in cases for dtype in dtypes for layout in (case.layouts if layouts else ("contiguous",))]
+
+
+@pytest.mark.parametrize("case,dtype,layout", _params(dtypes=FLOAT_DTYPES, layouts=True))
+def test_parity_with_the_reference(cuda_kernels, case, dtype, layout):
+    assert_parity(case.fused("cpu"), case.reference, case.make("cpu", dtype, layout=layout), names=case.names)
+
+
+@pytest.mark.parametrize("case,dtype,layout", _params(dtypes=(torch.float64,)))
+def test_every_reduction(cuda_kernels, case, dtype, layout):
+    for reduction in case.reductions:
+        assert_parity(case.fused("cpu", reduction=reduction), lambda *xs: case.reference(*xs, reduction=reduction),
+                      case.make("cpu", dtype, seed=1), names=case.names)
+
+
+@pytest.mark.parametrize("case,dtype,layout", _params(dtypes=(torch.float32, torch.bfloat16)))
+def test_nan_and_inf_follow_the_reference(cuda_kernels, case, dtype, layout):
+    assert_parity(case.fused("cpu"), case.reference, case.plant_special(case.make("cpu", dtype)), names=case.names)
+
+
+@pytest.mark.parametrize("case,dtype,layout", _params(cases=(OFD, ALIGN, ATTENTION)))
+def test_feature_ranks_and_5d_channels_last(cuda_kernels, case, dtype, layout):
+    for spatial, layout in (((), "contiguous"), ((5,), "contiguous"), ((2, 3, 2), "channels_last")):
+        inputs = case.make("cpu", torch.float64, spatial=spatial, layout=layout)
+        assert_parity(case.fused("cpu"), case.reference, inputs, names=case.names)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_ofd_over_more_blocks_than_the_grid(cuda_kernels, layout):
+    # 2 emulated SMs cap the grid at 8 blocks of 256 threads: 31,080 elements take each thread round the
+    # grid-stride loop several times, and 37 channels make channel runs that cross the vectors.
+    for dtype in (torch.float32, torch.bfloat16):
+        inputs = OFD.make("cpu", dtype, spatial=(20, 21), layout=layout, batch=2, channels=37)
+        assert_parity(OFD.fused("cpu"), OFD.reference, inputs, names=OFD.names)
+        assert_parity(OFD.fused("cpu", reduction="none"), lambda *xs: OFD.reference(*xs, reduction="none"), inputs,
+                      names=OFD.names)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_align_at_real_widths_over_several_tiles(cuda_kernels, layout):
+    # 256 -> 512 -> 512 channels over 3 samples of 30 x 30: the pipeline's tiles hold at least 8 MiB of X, H, Y
+    # and dH, so float32 takes three tiles of a sample and bfloat16 a tile of two samples, then one of one.
+    gen = torch.Generator().manual_seed(3)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    for dtype in (torch.float32, torch.bfloat16):
+        student = torch.randn(3, 256, 30, 30, generator=gen, dtype=torch.float64).to(dtype, memory_format=fmt)
+        teacher = torch.randn(3, 512, 30, 30, generator=gen, dtype=torch.float64).to(dtype, memory_format=fmt)
+        weights = [torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype) / shape[-1] ** 0.5
+                   for shape in ((512, 256), (512,), (512, 512), (512,))]
+        margin = (-0.1 - torch.rand(512, generator=gen, dtype=torch.float64)).float()
+        inputs = [x.requires_grad_() for x in (student, teacher, *weights)]
+        assert_parity(ALIGN_OFD.fused("cpu"), ALIGN_OFD.reference, [*inputs, margin], names=ALIGN_OFD.names)
+
+
+def test_align_gradients_only_where_asked(cuda_kernels):
+    student, teacher, *weights = ALIGN.make("cpu", torch.float32)
+    teacher.requires_grad_(False)
+    for wanted in ([student], weights, [student, *weights]):
+        for x in [student, *weights]:
+            x.requires_grad_(any(x is w for w in wanted))
+        assert_parity(ALIGN.fused("cpu"), ALIGN.reference, [student, teacher, *weights], names=ALIGN.names)
+
+
+def test_attention_maps_past_a_warp_of_positions_and_channels(cuda_kernels):
+    # 45 positions and 40 channels: past a warp's 32 lanes along either dim, in both layouts, p = 2, 3 and 1.5.
+    for layout in ("contiguous", "channels_last"):
+        for p in (2.0, 3.0, 1.5):
+            student, teacher = op_cases._make_attention("cpu", torch.float32, spatial=(5, 9), layout=layout,
+                                                        batch=3)
+            student = student.detach().repeat(1, 10, 1, 1).abs().requires_grad_()  # 40 channels
+            assert_parity(lambda s, t: ofdkern.attention_transfer_loss(s, t, p=p, backend="cpu"),
+                          lambda s, t: ofdkern.attention_transfer_loss(s, t, p=p, backend="reference"),
+                          [student, teacher.abs()], names=ATTENTION.names)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_kd_rows_wider_than_a_block(cuda_kernels, dtype):
+    # 9,000 classes: three chunks of 4,096 merged per row, the teacher gradient in its own kernel; with a NaN
+    # row and a -inf logit.
+    inputs = KD.make("cpu", dtype, classes=9000, batch=3)
+    assert_parity(KD.fused("cpu"), KD.reference, inputs, names=KD.names)
+    assert_parity(KD.fused("cpu"), KD.reference, KD.plant_special(inputs), names=KD.names)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_scale_kernel_rounds_once(emulated, dtype):
+    # The backward's in-place scaling (on a GPU, ops/_autograd.py): the factor stays in the accumulation dtype.
+    gradient = torch.randn(10_001, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(dtype)
+    factor = torch.tensor(1 / 3, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    for offset in (0, 1):  # 16-byte aligned, then not: the vector and the scalar kernel
+        scaled = gradient.clone()[offset:]
+        emulated.scale_(scaled, factor)
+        assert torch.equal(scaled, (gradient[offset:].to(factor.dtype) * factor).to(dtype))
+
+
+def test_launches_are_rewritten_as_calls():
+    source = ("  if (vectorized)\n    kernel<T, decltype(kind)::value, (N > 2)>\n        <<<grid, dim3(32, 8), 0,\n"
+              "           stream>>>(a, f(b, c));\n  else\n    other<<<g, kThreads>>>(x);\n")
+    assert cuda_on_cpu.rewrite_launches(source) == (
+        "  if (vectorized)\n    ::emu::launch(::emu::config(grid, dim3(32, 8), 0, stream), "
+        "[&] { kernel<T, decltype(kind)::value, (N > 2)>(a, f(b, c)); });\n"
+        "  else\n    ::emu::launch(::emu::config(g, kThreads), [&] { other(x); });\n")
