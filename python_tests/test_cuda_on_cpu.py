@@ -103,13 +103,25 @@ def test_align_at_real_widths_over_several_tiles(cuda_kernels, layout):
         assert_parity(ALIGN_OFD.fused("cpu"), ALIGN_OFD.reference, [*inputs, margin], names=ALIGN_OFD.names)
 
 
-def test_align_gradients_only_where_asked(cuda_kernels):
-    student, teacher, *weights = ALIGN.make("cpu", torch.float32)
-    teacher.requires_grad_(False)
-    for wanted in ([student], weights, [student, *weights]):
-        for x in [student, *weights]:
+@pytest.mark.parametrize("case", [ALIGN, ALIGN_OFD], ids=lambda case: case.id)
+def test_align_gradients_only_where_asked(cuda_kernels, case):
+    inputs = case.make("cpu", torch.float32)
+    student, teacher, weights = inputs[0], inputs[1], inputs[2:6]
+    for wanted in ([student], [teacher], weights, [student, teacher, *weights]):
+        for x in [student, teacher, *weights]:
             x.requires_grad_(any(x is w for w in wanted))
-        assert_parity(ALIGN.fused("cpu"), ALIGN.reference, [student, teacher, *weights], names=ALIGN.names)
+        assert_parity(case.fused("cpu"), case.reference, inputs, names=case.names)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_ofd_gradients_only_where_asked(cuda_kernels, layout):
+    # Every subset of student, teacher and margin gradients: the kernel's output variants.
+    student, teacher, margin = (x.detach() for x in OFD.make("cpu", torch.float32, layout=layout))
+    for mask in range(1, 8):
+        inputs = [x.clone().requires_grad_(bool(mask >> i & 1)) for i, x in enumerate((student, teacher, margin))]
+        for reduction in ("sum", "none"):
+            assert_parity(OFD.fused("cpu", reduction=reduction),
+                          lambda *xs: OFD.reference(*xs, reduction=reduction), inputs, names=OFD.names)
 
 
 def test_attention_maps_past_a_warp_of_positions_and_channels(cuda_kernels):
