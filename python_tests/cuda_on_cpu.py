@@ -118,15 +118,17 @@ def _define_ops() -> None:
     _define_ops.library = library, aten  # the registrations live as long as the Library objects
 
 
-def load():
-    """Builds (once per source change) and loads the emulated CUDA kernels; returns ``torch.ops.<NAMESPACE>``."""
+def load(address_sanitizer: bool = False):
+    """Builds (once per source change) and loads the emulated CUDA kernels; returns ``torch.ops.<NAMESPACE>``.
+    ``address_sanitizer``: built with -fsanitize=address (the process must have libasan preloaded), so that a
+    kernel's read or write outside a tensor's allocation stops it with a report."""
     _define_ops()
     sources = sorted(CSRC.glob("*.cu")) + sorted(CSRC.glob("*.cuh"))
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in [*sources, EMULATION, Path(__file__)]))
     builds = Path(os.environ.get("OFDKERN_CACHE", Path.home() / ".cache" / "ofdkern")) / "cuda_on_cpu"
-    build = builds / digest.hexdigest()[:16]
+    build = builds / (digest.hexdigest()[:16] + ("-asan" if address_sanitizer else ""))
     for old in builds.glob("*"):  # builds of earlier sources
-        if old != build:
+        if not old.name.startswith(digest.hexdigest()[:16]):
             shutil.rmtree(old, ignore_errors=True)
     build.mkdir(parents=True, exist_ok=True)
     cpp_files = []
@@ -143,6 +145,7 @@ def load():
     cpp_extension.load(
         name=NAMESPACE, sources=cpp_files, build_directory=str(build), is_python_module=False,
         extra_include_paths=[str(build), str(CSRC)],
-        extra_cflags=["-O1", "-include", str(EMULATION), f"-Dofdkern={NAMESPACE}_impl", "-fvisibility=hidden"],
-        extra_ldflags=["-l:libstdc++.so.6"])
+        extra_cflags=["-O1", "-include", str(EMULATION), f"-Dofdkern={NAMESPACE}_impl", "-fvisibility=hidden"]
+        + (["-fsanitize=address", "-fno-omit-frame-pointer"] if address_sanitizer else []),
+        extra_ldflags=["-l:libstdc++.so.6"] + (["-fsanitize=address"] if address_sanitizer else []))
     return getattr(torch.ops, NAMESPACE)

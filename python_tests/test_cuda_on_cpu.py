@@ -3,8 +3,14 @@ and put behind the public ops in place of the CPU kernels (``backend="cpu"`` on 
 every backend: parity with the reference (as accurate as eager against float64), every reduction, NaN/Inf,
 layouts and ranks, plus shapes that take the kernels' other paths (several tiles, wide KD rows, channels past a
 block) and the backward's scaling kernel. What the emulation leaves to a GPU run: races and the memory model
-(compute-sanitizer), device math intrinsics, speed."""
+(compute-sanitizer), device math intrinsics, speed. The module runs once more under AddressSanitizer, for the
+kernels' reads and writes outside their buffers."""
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,7 +30,7 @@ pytestmark = pytest.mark.skipif(not STATUS["cpu"]["built"],
 
 @pytest.fixture(scope="module")
 def emulated():
-    return cuda_on_cpu.load()
+    return cuda_on_cpu.load(address_sanitizer=os.environ.get("OFDKERN_CUDA_ON_CPU_ASAN") == "1")
 
 
 @pytest.fixture
@@ -163,3 +169,31 @@ def test_launches_are_rewritten_as_calls():
         "  if (vectorized)\n    ::emu::launch(::emu::config(grid, dim3(32, 8), 0, stream), "
         "[&] { kernel<T, decltype(kind)::value, (N > 2)>(a, f(b, c)); });\n"
         "  else\n    ::emu::launch(::emu::config(g, kThreads), [&] { other(x); });\n")
+
+
+def _libasan() -> str | None:
+    """The C++ compiler's AddressSanitizer runtime, or None."""
+    try:
+        path = subprocess.run([os.environ.get("CXX", "c++"), "-print-file-name=libasan.so"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return path if Path(path).is_file() else None
+
+
+@pytest.mark.skipif(os.environ.get("OFDKERN_CUDA_ON_CPU_ASAN") == "1", reason="inside the run it starts")
+@pytest.mark.skipif(not sys.platform.startswith("linux") or _libasan() is None,
+                    reason="needs the C++ compiler's AddressSanitizer runtime (Linux)")
+def test_cuda_kernels_under_address_sanitizer(tmp_path):
+    # The tests above once more, in a process with AddressSanitizer and the kernels built with it: a read or
+    # write past a tensor's allocation (or a __shared__ array's, or a thread's locals) stops the run with a
+    # report. The CPU counterpart of compute-sanitizer's memcheck over the same kernels.
+    env = {**os.environ, "OFDKERN_CUDA_ON_CPU_ASAN": "1", "LD_PRELOAD": _libasan(),
+           # Fibers switch stacks, which ASan tracks only in part: no use-after-return checks.
+           "ASAN_OPTIONS": f"detect_leaks=0:detect_stack_use_after_return=0:log_path={tmp_path / 'asan'}"}
+    run = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-x", "-p", "no:cacheprovider"],
+                         env=env, capture_output=True, text=True, timeout=1500)
+    reports = "".join(path.read_text() for path in tmp_path.glob("asan*"))  # its warnings too
+    assert run.returncode == 0 and "ERROR: AddressSanitizer" not in reports, (
+        reports[-6000:] + (run.stdout + run.stderr)[-6000:])
+    assert " passed" in run.stdout and " failed" not in run.stdout
