@@ -2,11 +2,14 @@
 // through ATen in the compute dtype (tensor cores for bfloat16/float16; for float32, TF32 exactly when torch's
 // matmul precision allows it), and one elementwise kernel after each forward GEMM and after dH.
 //
-// Per tile: H = W1 X + b1 as one GEMM (each pre-activation rounded once, as eager's convolution with its bias
-// does and the CPU pipeline's GEMM, so that ReLU's mask is the exact one's) and the ReLU kernel (NaN stays NaN);
-// Y = W2 H and the loss kernel (dY in place of Y, the teacher's
-// gradient, per-block loss partials); dW2 += dY H^T and db2 += rows(dY) (accumulated in float32 for half
-// precision); dH = W2^T dY and the ReLU-backward kernel; dW1 += dH X^T, db1 += rows(dH); d student = W1^T dH.
+// Per tile: H = W1 X + b1 as one GEMM and the ReLU kernel (NaN stays NaN); Y = W2 H and the loss kernel (dY in
+// place of Y, the teacher's gradient, per-block loss partials); dW2 += dY H^T and db2 += rows(dY) (accumulated
+// in float32 for half precision); dH = W2^T dY and the ReLU-backward kernel; dW1 += dH X^T, db1 += rows(dH);
+// d student = W1^T dH.
+// The bias in H's GEMM rounds each half-precision pre-activation once, as the CPU pipeline, the Triton kernels
+// and eager on CPU do, so that ReLU's mask is the exact one's (eager on CUDA adds a convolution's bias after
+// cuDNN's rounding: twice). H is channel-major, so ATen copies the bias into it and the GEMM adds to that
+// (cuBLASLt's bias epilogue would need H pixel-major): one more write and read of H than a bias added after.
 // Determinism: cuBLAS and ATen's sums give the same bits run to run, the loss partials come from a grid that
 // depends only on the device and the tile, and they are summed in a fixed order. No atomics, no host sync.
 #include <ATen/Dispatch.h>
@@ -111,8 +114,8 @@ struct CudaDevice {
     const c10::DeviceIndex device = p.w1.device().index();
     TileBuffer x = p.x(tile), h = p.h(tile), y = p.y(tile);
     x.grid.copy_(as_grid(feature_tile(p.student, tile)));
-    // H^T = X^T W1^T + b1 (the bias along H^T's rows, as addmm takes it; in the GEMM dtype, which a bias in the
-    // accumulation dtype converts to exactly: both come from one compute dtype).
+    // H^T = X^T W1^T + b1: addmm adds the 1-D bias to every row of H^T (a pixel's hidden channels). In the GEMM
+    // dtype, to which the bias converts exactly (the weights and biases come in one compute dtype).
     at::Tensor h_rows = h.matrix.t();
     at::addmm_out(h_rows, p.b1.to(p.w1.scalar_type()), x.matrix.t(), p.w1.t());
     const int64_t hidden_numel = h.matrix.numel();
