@@ -32,19 +32,17 @@ _C10_CUDA_INCLUDE = re.compile(r"^#include <c10/cuda/[^>]+>\n", re.MULTILINE)
 _IMPL = "TORCH_LIBRARY_IMPL(ofdkern, CUDA, m)"
 
 
-def _matching(text: str, start: int, opening: str, closing: str, step: int) -> int:
-    """The index of the bracket that closes the one at ``start``, scanning forward (step 1) or back (-1)."""
+def _closing_parenthesis(text: str, start: int) -> int:
+    """The index of the parenthesis that closes the one at ``start``."""
     depth = 0
-    i = start
-    while 0 <= i < len(text):
-        if text[i] == opening:
+    for i in range(start, len(text)):
+        if text[i] == "(":
             depth += 1
-        elif text[i] == closing:
+        elif text[i] == ")":
             depth -= 1
             if depth == 0:
                 return i
-        i += step
-    raise ValueError(f"unbalanced {opening}{closing} from offset {start}")
+    raise ValueError(f"unbalanced parentheses from offset {start}")
 
 
 def _kernel_start(text: str, launch: int) -> int:
@@ -85,7 +83,7 @@ def rewrite_launches(text: str) -> str:
             args_open += 1
         if text[args_open] != "(":
             raise ValueError(f"no argument list after the launch at offset {launch}")
-        args_close = _matching(text, args_open, "(", ")", 1)
+        args_close = _closing_parenthesis(text, args_open)
         kernel = text[start:launch].strip()
         config = " ".join(text[launch + 3:config_end].split())
         args = text[args_open:args_close + 1]
@@ -95,8 +93,8 @@ def rewrite_launches(text: str) -> str:
 
 
 def rewrite(text: str) -> str:
-    if _IMPL in text:
-        text = text.replace(_IMPL, f"TORCH_LIBRARY_IMPL({NAMESPACE}, CPU, m)")
+    """A .cu or .cuh file as C++ for the emulation (the module docstring's three rewrites)."""
+    text = text.replace(_IMPL, f"TORCH_LIBRARY_IMPL({NAMESPACE}, CPU, m)")
     return rewrite_launches(_C10_CUDA_INCLUDE.sub("", text))
 
 
