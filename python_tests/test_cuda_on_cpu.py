@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import ofdkern
+from ofdkern._dtypes import accumulation_dtype
 from ofdkern.ops import align, frskd, ofd
 
 import cuda_on_cpu
@@ -37,7 +38,8 @@ def emulated():
 def cuda_kernels(emulated, monkeypatch):
     """``backend="cpu"`` runs the emulated CUDA kernels (the backends' kernel lookups, patched)."""
     def attention_transfer_forward(student, teacher, p, count):
-        # csrc/frskd_op.cpp's composite, on the emulated kernels.
+        # csrc/frskd_op.cpp's composite on the emulated kernels. (frskd_triton has its Python twin, but Triton's
+        # native library aborts on import in the AddressSanitizer run below.)
         map_student, map_teacher = emulated.attention_map(student, p), emulated.attention_map(teacher, p)
         dtype = torch.promote_types(map_student.dtype, map_teacher.dtype)
         row_loss, grad_student, grad_teacher = emulated.attention_transfer_maps(
@@ -155,7 +157,7 @@ def test_kd_rows_wider_than_a_block(cuda_kernels, dtype):
 def test_scale_kernel_rounds_once(emulated, dtype):
     # The backward's in-place scaling (on a GPU, ops/_autograd.py): the factor stays in the accumulation dtype.
     gradient = torch.randn(10_001, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(dtype)
-    factor = torch.tensor(1 / 3, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    factor = torch.tensor(1 / 3, dtype=accumulation_dtype(dtype))
     for offset in (0, 1):  # 16-byte aligned, then not: the vector and the scalar kernel
         scaled = gradient.clone()[offset:]
         emulated.scale_(scaled, factor)
