@@ -2,6 +2,7 @@
 Reads only the results JSON (its "ops" metadata says each op's title, floor and modes)."""
 from __future__ import annotations
 
+import json
 import os
 import re
 from typing import Optional
@@ -276,3 +277,36 @@ def update_readme(readme_path: str, block: str) -> Optional[str]:
     with open(readme_path, "w", encoding="utf-8") as readme:
         readme.write(text)
     return None
+
+
+INDEX_NAME = "INDEX.md"
+
+
+def write_index(results_dir: str) -> str:
+    """Rewrites results_dir/INDEX.md: one row per run kept there (its JSON), newest first, with the commit,
+    machine, versions and date that the run recorded. Returns its path."""
+    runs = []
+    for name in sorted(os.listdir(results_dir)):
+        if not name.endswith(".json"):
+            continue
+        with open(os.path.join(results_dir, name), encoding="utf-8") as handle:
+            result = json.load(handle)
+        machine = result["machine"]
+        measured = result.get("ops") or {"ofd": None}  # schema 1: the OFD loss alone
+        ops = "every op" if len(measured) >= 4 and not result.get("skipped_ops") else "+".join(measured)
+        versions = f"torch {machine['torch']}, triton {machine.get('triton') or '-'}, python {machine['python']}"
+        runs.append((machine["date"], f"| [{name[:-5]}]({name[:-5]}.md) | {machine['device_name']} "
+                     f"({machine['device']}) | {'quick' if result['quick'] else 'full'}, {ops}"
+                     f"{'' if result['complete'] else ' (incomplete)'} | {machine['git_commit']} | {versions} | "
+                     f"{machine['date'][:10]} |"))
+    lines = ["# Benchmark results", "",
+             "The latest full run per machine, and the runs the READMEs cite; git history holds the older ones. "
+             "Written by `benchmarks/run.py` after each run, which names every run `<device>-<date>-<commit>[-quick][-<ops>]` "
+             "(runs before 2026-12-07 lack the commit); `.json`: every measurement, `.md`: the tables, `-<op>.png`: "
+             "the plots.", "",
+             "| run | machine | mode | commit | versions | date |", "|---|---|---|---|---|---|"]
+    lines += [row for _, row in sorted(runs, reverse=True)]
+    path = os.path.join(results_dir, INDEX_NAME)
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write("\n".join(lines) + "\n")
+    return path

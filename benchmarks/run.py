@@ -3,8 +3,8 @@ of it, every ofdkern backend and the op's floor, in time and peak memory; and a 
 
     python benchmarks/run.py [--op ofd,kd] [--quick] [--device cpu|cuda] [--update-readme]
 
-Writes benchmarks/results/<device>-<date>[-quick][-<ops>].{json,md} and <stem>-<op>.png per op, and prints the
-targets' check. Methodology: benchmarks/README.md.
+Writes benchmarks/results/<device>-<date>-<commit>[-quick][-<ops>].{json,md} and <stem>-<op>.png per op,
+refreshes the index benchmarks/results/INDEX.md, and prints the targets' check. Methodology: benchmarks/README.md.
 """
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--update-readme", action="store_true",
                         help=f"put the summary between {report.README_START} and {report.README_END} in --readme "
                              f"(a run of every op only)")
-    parser.add_argument("--readme", default=os.path.join(REPO_ROOT, "README.md"))
+    parser.add_argument("--readme", default=os.path.join(HERE, "README.md"))
     args = parser.parse_args(argv)
     try:
         args.ops = bench_ops.select(args.op)
@@ -203,8 +203,11 @@ def _measure_provider(case: cases.Case, op: cases.OpBench, inputs, provider: cas
 
 
 def output_stem(info: dict, quick: bool, ops: list[cases.OpBench]) -> str:
+    """The one naming rule of result files: <device>-<date>-<commit>[-quick][-<ops>] (commit as git describes
+    the checkout, "+uncommitted" when it has changes; ops joined by "+" when not every op ran)."""
     subset = "" if len(ops) == len(bench_ops.OPS) else "-" + "+".join(op.name for op in ops)
-    return f"{measure.device_slug(info)}-{datetime.date.today().isoformat()}{'-quick' if quick else ''}{subset}"
+    return (f"{measure.device_slug(info)}-{datetime.date.today().isoformat()}-{info['git_commit']}"
+            f"{'-quick' if quick else ''}{subset}")
 
 
 def _write_json(path: str, result: dict) -> None:
@@ -297,6 +300,7 @@ def main(argv=None) -> int:
     images = plot.plot_all(result, stem)
     with open(md_path, "w", encoding="utf-8") as handle:
         handle.write(report.markdown(result, {op: os.path.basename(path) for op, path in images.items()}))
+    report.write_index(args.out_dir)
     print(f"\nwrote {json_path}\n      {md_path}")
     for path in images.values():
         print(f"      {path}")
