@@ -1,8 +1,8 @@
 """The backend registry: which kernels exist on this machine, which backend can run which op on which device,
 and the one rule that picks the backend of an op call.
 
-Each op declares its fused backends once (``register_op``): the extension ops each one calls and, where a
-backend cannot take every input, its limit. Every op call then resolves through ``resolve`` with the same
+Each op declares its fused backends once (``register_op``): the extension ops each one calls. Every op call
+then resolves through ``resolve`` with the same
 rules: an explicit backend runs or raises ``BackendUnavailableError`` naming why and what is available here;
 "auto" takes the first backend of ``AUTO_ORDER`` for the tensors' device that runs the call, and falls back to
 the eager reference with one warning per op and device type.
@@ -13,14 +13,14 @@ import importlib
 import importlib.util
 import os
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
 
 BACKENDS = ("auto", "triton", "cuda", "cpu", "reference")
 FUSED_BACKENDS = ("triton", "cuda", "cpu")
-# "auto", fastest first per device type (see the README's "Backends"); the reference is the last resort.
+# "auto", fastest first per device type (see docs/architecture.md); the reference is the last resort.
 AUTO_ORDER = {"cuda": ("cuda", "triton"), "cpu": ("cpu",)}
 # Device types the status reports per op (the reference runs on any device, meta included).
 STATUS_DEVICES = ("cpu", "cuda")
@@ -112,11 +112,8 @@ class Backend:
 
     kernels: the extension ops ("ofdkern::...") it calls; the "cpu" and "cuda" backends run only where
         ofdkern._C has a kernel of each for their device. Triton kernels are Python: it names none.
-    limit: for a backend that cannot take every input: ``limit(**call)`` returns why it cannot take this call
-        (say, a channel bound), or None. ``call`` is what the op passes to ``resolve``.
     """
     kernels: tuple[str, ...] = ()
-    limit: Callable[..., str | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -154,27 +151,19 @@ def _unavailable(op: Op, backend: str, device_type: str) -> str | None:
     return None
 
 
-def _refusal(op: Op, backend: str, device_type: str, call: dict) -> str | None:
-    """Why ``backend`` cannot run this call of ``op``, or None."""
-    reason = _unavailable(op, backend, device_type)
-    if reason is None and backend != "reference" and op.backends[backend].limit is not None:
-        reason = op.backends[backend].limit(**call)
-    return reason
-
-
 _warned_fallback: set[tuple[str, str]] = set()
 
 
-def resolve(op: Op, backend: str, device: torch.device, **call) -> str:
+def resolve(op: Op, backend: str, device: torch.device) -> str:
     """The backend that runs this call of ``op`` on tensors of ``device``: ``backend`` itself when it can (else
     BackendUnavailableError, naming why and what can), or for "auto" the first of ``AUTO_ORDER`` that can,
     else the reference (with one warning per op and device type; none on meta tensors, which only the
-    reference's shape logic serves). ``call`` goes to the backends' limits."""
+    reference's shape logic serves)."""
     check_backend_name(backend)
     device_type = device.type
     if backend == "auto":
         for name in AUTO_ORDER.get(device_type, ()):
-            if _refusal(op, name, device_type, call) is None:
+            if _unavailable(op, name, device_type) is None:
                 return name
         if device_type != "meta" and (op.name, device_type) not in _warned_fallback:
             _warned_fallback.add((op.name, device_type))
@@ -182,10 +171,10 @@ def resolve(op: Op, backend: str, device: torch.device, **call) -> str:
                 f"ofdkern.{op.name}: no fused kernel runs this call on {device_type} tensors here, using the "
                 f"eager reference (see ofdkern.backend_status({op.name!r}))", RuntimeWarning, stacklevel=3)
         return "reference"
-    reason = _refusal(op, backend, device_type, call)
+    reason = _unavailable(op, backend, device_type)
     if reason is not None:
         available = [name for name in (*FUSED_BACKENDS, "reference")
-                     if _refusal(op, name, device_type, call) is None]
+                     if _unavailable(op, name, device_type) is None]
         raise BackendUnavailableError(
             f"ofdkern.{op.name}: backend {backend!r} cannot run this call on {device_type} tensors: {reason}. "
             f"Backends that can, here: {available}")
@@ -206,8 +195,7 @@ def _op_status(op: Op) -> dict[str, dict]:
         spec = op.backends.get(backend)
         status[backend] = {"devices": devices, "available": bool(devices),
                            "reason": None if devices else reasons[home],
-                           "kernels": list(spec.kernels) if spec else [],
-                           "limited": bool(spec and spec.limit)}
+                           "kernels": list(spec.kernels) if spec else []}
     return status
 
 
@@ -221,8 +209,7 @@ def backend_status(op: str | None = None) -> dict[str, dict]:
     threads: the extension was built with OpenMP).
 
     ``backend_status("kd_loss")``: for each backend, where it runs that op here: ``devices``, ``available``,
-    ``reason`` (why it runs it nowhere, or None), ``kernels`` (the extension ops it calls) and ``limited``
-    (whether it declines some inputs, falling to the next backend under "auto").
+    ``reason`` (why it runs it nowhere, or None) and ``kernels`` (the extension ops it calls).
     """
     if op is not None:
         if op not in _OPS:

@@ -26,7 +26,7 @@ def test_status_per_op(op):
     assert list(status) == ["triton", "cuda", "cpu", "reference"]
     assert status["reference"]["devices"] == STATUS["reference"]["devices"]
     for name, entry in status.items():
-        assert set(entry) == {"devices", "available", "reason", "kernels", "limited"}
+        assert set(entry) == {"devices", "available", "reason", "kernels"}
         assert entry["available"] == bool(entry["devices"])
         # Runs somewhere, or says why not.
         assert entry["available"] or entry["reason"], (name, entry)
@@ -67,20 +67,6 @@ def test_auto_falls_back_to_the_reference_with_one_warning_per_op_and_device(mon
         assert resolve(op, "auto", CPU) == "reference"
         # Meta tensors: the reference's shape logic is what serves them, nothing to warn about.
         assert resolve(op, "auto", torch.device("meta")) == "reference"
-
-
-@pytest.mark.skipif(not STATUS["cpu"]["built"], reason="needs the CPU kernels of the extension")
-def test_a_backend_limit_passes_auto_on_and_refuses_an_explicit_call():
-    def bounded(channels):
-        return f"{channels} channels exceed 8" if channels > 8 else None
-
-    op = _probe_op(cpu=Backend(("ofdkern::ofd_fused",), limit=bounded))
-    assert resolve(op, "cpu", CPU, channels=8) == "cpu"
-    assert resolve(op, "auto", CPU, channels=8) == "cpu"
-    with pytest.warns(RuntimeWarning, match="no fused kernel runs this call"):
-        assert resolve(op, "auto", CPU, channels=9) == "reference"
-    with pytest.raises(ofdkern.BackendUnavailableError, match="9 channels exceed 8"):
-        resolve(op, "cpu", CPU, channels=9)
 
 
 def test_the_reference_runs_on_meta_tensors():
