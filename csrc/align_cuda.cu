@@ -48,8 +48,45 @@ __global__ void __launch_bounds__(kThreads) relu_backward_kernel(gemm_t* dh, con
 
 // Where the loss kernel finds the teacher tile: (samples, channels, positions) strides.
 struct TeacherTile {
-  int64_t sample_stride, channel_stride, position_stride, positions;
+  int64_t sample_stride, channel_stride, position_stride;
 };
+
+// An index of the tile's Y buffer as three digits, fastest first: (position, sample, channel) for a
+// channel-major buffer (channels, pixels), (channel, position, sample) for one with channels innermost
+// (pixels, channels). The grid-stride loop advances it by additions and carries: no 64-bit division per
+// element (a pixel's channel and sample are what the teacher's offset and the margin need).
+struct TileDigits {
+  int64_t d0, d1, d2;
+};
+
+struct TileRadix {
+  int64_t r0, r1;    // the two faster digits' ranges (the slowest needs none: the loop bound stops it)
+  TileDigits grid;   // the grid stride as digits, each below its range
+};
+
+inline TileRadix tile_radix(int64_t r0, int64_t r1, int64_t grid_stride) {
+  return TileRadix{r0, r1, TileDigits{grid_stride % r0, (grid_stride / r0) % r1, grid_stride / (r0 * r1)}};
+}
+
+__device__ __forceinline__ TileDigits tile_digits(int64_t i, const TileRadix& radix) {
+  const int64_t above = i / radix.r0;
+  return TileDigits{i - above * radix.r0, above % radix.r1, above / radix.r1};
+}
+
+// digits += step (each of step's digits below its range, so one carry per digit suffices).
+__device__ __forceinline__ void advance(TileDigits& digits, const TileDigits& step, const TileRadix& radix) {
+  digits.d0 += step.d0;
+  digits.d1 += step.d1;
+  digits.d2 += step.d2;
+  if (digits.d0 >= radix.r0) {
+    digits.d0 -= radix.r0;
+    ++digits.d1;
+  }
+  if (digits.d1 >= radix.r1) {
+    digits.d1 -= radix.r1;
+    ++digits.d2;
+  }
+}
 
 // The loss pass over the tile's Y buffer, in its memory order: channel-major (channels, pixels) or channels
 // innermost (pixels, channels). Adds the bias, turns y into d loss / d y, writes the teacher's gradient (same
@@ -57,14 +94,15 @@ struct TeacherTile {
 template <bool kOFD, bool kGradTeacher, typename gemm_t, typename teacher_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
     align_loss_kernel(gemm_t* y, const teacher_t* t, teacher_t* d_t, const acc_t* bias, const acc_t* margin,
-                      int64_t channels, int64_t pixels, bool channels_inner, TeacherTile tile, acc_t* partials) {
+                      int64_t numel, bool channels_inner, TileRadix radix, TeacherTile tile, acc_t* partials) {
   using M = ScalarMath<acc_t>;
   acc_t sum = 0;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < channels * pixels;
-       i += static_cast<int64_t>(gridDim.x) * kThreads) {
-    const int64_t c = channels_inner ? i % channels : i / pixels;
-    const int64_t column = channels_inner ? i / channels : i % pixels;
-    const int64_t sample = column / tile.positions, position = column % tile.positions;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  TileDigits at = tile_digits(first, radix);
+  for (int64_t i = first; i < numel; i += static_cast<int64_t>(gridDim.x) * kThreads) {
+    const int64_t c = channels_inner ? at.d0 : at.d2;
+    const int64_t position = channels_inner ? at.d1 : at.d0;
+    const int64_t sample = channels_inner ? at.d2 : at.d1;
     const int64_t offset = sample * tile.sample_stride + c * tile.channel_stride + position * tile.position_stride;
     const acc_t tv = static_cast<acc_t>(t[offset]);
     const acc_t m = kOFD ? margin[c] : acc_t(0);
@@ -74,6 +112,7 @@ __global__ void __launch_bounds__(kThreads)
       d_t[offset] = static_cast<teacher_t>(align_teacher_grad<kOFD, M>(point.d_student, tv, m));
     }
     sum += point.loss;
+    advance(at, radix.grid, radix);
   }
   sum = block_sum(sum);
   if (threadIdx.x == 0) partials[blockIdx.x] = sum;
@@ -152,17 +191,20 @@ struct CudaDevice {
   static void run_loss(const AlignProblem& p, const AlignTile& tile, const TileBuffer& y) {
     const at::Tensor t_tile = feature_tile(p.teacher, tile);
     const at::Tensor d_t_tile = p.grad_teacher.merged.defined() ? feature_tile(p.grad_teacher, tile) : at::Tensor();
-    const int64_t channels = p.t_channels, pixels = tile.pixels();
-    const int grid = grid_size(channels * pixels, p.w1.device().index());
+    const int64_t channels = p.t_channels, numel = channels * tile.pixels();
+    const int grid = grid_size(numel, p.w1.device().index());
     const at::Tensor partials = at::empty({grid}, p.loss.options());
-    const TeacherTile where{t_tile.stride(0), t_tile.stride(1), t_tile.stride(2), tile.positions};
+    const TeacherTile where{t_tile.stride(0), t_tile.stride(1), t_tile.stride(2)};
+    const int64_t grid_stride = int64_t{grid} * kThreads;
+    const TileRadix radix = y.channels_inner ? tile_radix(channels, tile.positions, grid_stride)
+                                             : tile_radix(tile.positions, tile.samples, grid_stride);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t_tile.scalar_type(), "align_loss_cuda", [&] {
       auto launch = [&](auto ofd, auto grad_teacher) {
         align_loss_kernel<decltype(ofd)::value, decltype(grad_teacher)::value, gemm_t, scalar_t, acc_t>
             <<<grid, kThreads, 0, stream()>>>(
                 y.matrix.mutable_data_ptr<gemm_t>(), t_tile.const_data_ptr<scalar_t>(),
                 grad_teacher ? d_t_tile.mutable_data_ptr<scalar_t>() : nullptr, p.b2.const_data_ptr<acc_t>(),
-                ofd ? p.margin.const_data_ptr<acc_t>() : nullptr, channels, pixels, y.channels_inner, where,
+                ofd ? p.margin.const_data_ptr<acc_t>() : nullptr, numel, y.channels_inner, radix, where,
                 partials.mutable_data_ptr<acc_t>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       };
