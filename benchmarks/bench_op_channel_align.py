@@ -3,6 +3,8 @@ the student, then L2 against the teacher (Liu et al., ICCVW 2023). At real width
 floor is the six GEMMs of the same shapes and dtype, with the fastest GEMM library torch has here."""
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
 import time
 
@@ -155,9 +157,34 @@ def gemm_floor_steps(inputs: LossInputs):
     return {FORWARD_BACKWARD: _faster(*steps) if len(steps) > 1 else steps[0]}
 
 
+@contextlib.contextmanager
+def _tf32(allowed: bool):
+    """Both of torch's float32 switches on a GPU: cuDNN's (eager's 1x1 convolutions; on by default) and
+    matmul's (the fused op's GEMMs; off by default)."""
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = allowed
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+
+
 def providers(device: str, compile_dynamic: bool) -> list[Provider]:
-    return cases.loss_providers(NAME, device, compile_dynamic, reference.channel_align_loss, _fused) + [
-        Provider(GEMM_FLOOR, gemm_floor_steps, (FORWARD_BACKWARD,), check=cases.writes_like_eager_gradient)]
+    """On a GPU, float32 is compared both ways: at torch's defaults eager's convolutions run in TF32 and the
+    fused GEMMs in full float32, so ``eager-ieee-fp32`` (TF32 off) is eager like the fused defaults, and
+    ``ofdkern-<backend>-tf32`` (TF32 on) the fused op like eager's defaults. They change nothing in half
+    precision."""
+    base = cases.loss_providers(NAME, device, compile_dynamic, reference.channel_align_loss, _fused)
+    floor = Provider(GEMM_FLOOR, gemm_floor_steps, (FORWARD_BACKWARD,), check=cases.writes_like_eager_gradient)
+    if device != "cuda":
+        return base + [floor]
+    both_ways = [
+        Provider(cases.EAGER + "-ieee-fp32", lambda inputs: cases.loss_steps(reference.channel_align_loss, inputs),
+                 cases.LOSS_MODES, context=lambda: _tf32(False)),
+        *[dataclasses.replace(provider, name=provider.name + "-tf32", context=lambda: _tf32(True))
+          for provider in base if provider.name.startswith(cases.FUSED_PREFIX)],
+    ]
+    return base + both_ways + [floor]
 
 
 def flops(case: Case, mode: str) -> int:
