@@ -20,7 +20,7 @@ from torchdistill.models.registry import AUXILIARY_MODEL_WRAPPER_DICT  # noqa: E
 import ofdkern.integrations.torchdistill as plugin  # noqa: E402
 from distill_models import ResNet, TorchvisionBasicBlock, WideResNet, images  # noqa: E402
 from ofdkern import reference  # noqa: E402
-from ofdkern.distill import BlockTap, Tap  # noqa: E402
+from ofdkern.taps import BlockTap, Tap  # noqa: E402
 from ofdkern.margins import DataMarginEstimator, margin_from_bn  # noqa: E402
 
 STAGES = ("layer1", "layer2", "layer3")

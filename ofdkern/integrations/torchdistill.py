@@ -10,7 +10,7 @@ Importing this module (torchdistill is an optional dependency of ofdkern) regist
 Why a wrapper: torchdistill's forward hooks keep a reference to a module's input or output without copying it, so
 an in-place op later in the forward overwrites what they recorded: the input of torchvision's in-place ``relu``
 (the pre-ReLU sum, which no torchvision module outputs), the output of a BN followed by
-``nn.ReLU(inplace=True)``. ``FeatureTaps`` reads its taps with ``ofdkern.distill``'s taps (a stage or block name
+``nn.ReLU(inplace=True)``. ``FeatureTaps`` reads its taps with ``ofdkern.taps``' taps (a stage or block name
 taps the block's pre-ReLU feature, located and checked on the first forward; any other module its output; a
 tensor that is overwritten later is copied) and passes each feature through an identity module
 ``taps.<name>``, whose output torchdistill's hooks then record unchanged. What needs the models lives in the
@@ -64,10 +64,10 @@ try:
 except ImportError as error:  # pragma: no cover - exercised only without torchdistill
     raise ImportError("ofdkern.integrations.torchdistill needs torchdistill: pip install torchdistill") from error
 
-from ..distill import Tap, _HookedTaps, _tap_from_name
-from ..margins import DataMarginEstimator, margin_from_bn
+from ..margins import DataMarginEstimator, batch_norm_channels, margin_from_bn
 from ..modules import ChannelAlign, Connector
 from ..ops import attention_transfer_loss, channel_align_loss, kd_loss, ofd_loss
+from ..taps import HookedTaps, Tap, tap_from_name
 
 __all__ = ["AttentionTransferLoss", "ChannelAlignFeatureLoss", "FeatureTaps", "LOSS_KEYS", "OFDFeatureLoss",
            "SoftTargetKDLoss", "WRAPPER_KEY"]
@@ -113,14 +113,14 @@ class _AlignerWeights(nn.Module):
 
 def _as_tap(model: nn.Module, name: str, spec) -> Tap:
     if isinstance(spec, str):
-        return _tap_from_name(model, spec)
+        return tap_from_name(model, spec)
     if isinstance(spec, dict):
         tap = Tap(**spec)
         for path in (tap.module, tap.relu, tap.bn):
             if path is not None:
                 model.get_submodule(path)
         return tap
-    raise TypeError(f"taps[{name!r}] must be a module path or a mapping of ofdkern.distill.Tap fields, got "
+    raise TypeError(f"taps[{name!r}] must be a module path or a mapping of ofdkern.Tap fields, got "
                     f"{type(spec).__name__}")
 
 
@@ -133,14 +133,14 @@ def _check_names(option: str, names, taps: dict) -> None:
 @register_auxiliary_model_wrapper(key=WRAPPER_KEY)
 class FeatureTaps(AuxiliaryModelWrapper):
     """torchdistill auxiliary model wrapper (key ``"ofdkern.FeatureTaps"``) that reads features with
-    ``ofdkern.distill``'s in-place-safe taps and exposes them, and what is built on them, as module outputs for
+    ``ofdkern.taps``' in-place-safe taps and exposes them, and what is built on them, as module outputs for
     torchdistill's forward hooks. ``forward(x)`` returns the model's output.
 
     Args:
         teacher_model / student_model: the wrapped model (torchdistill passes one of them).
         taps: ``{name: spec}``, in stage order. A spec is a module path (a stage or residual block: the last
             block's pre-ReLU feature, as ``OFDDistiller``'s names; any other module: its output) or a mapping of
-            ``ofdkern.distill.Tap`` fields. The feature is the output of ``taps.<name>``.
+            ``ofdkern.Tap`` fields. The feature is the output of ``taps.<name>``.
         margins: ``{name: source}`` for OFD's margin of a teacher tap: ``"bn"`` (``margin_from_bn`` of the tap's
             BN), the module path of a BN, or ``"data"`` (the running mean of the negative values of every
             feature the teacher has produced, updated at each forward). The margin is the output of
@@ -174,7 +174,7 @@ class FeatureTaps(AuxiliaryModelWrapper):
         self.model = model
         specs = {name: _as_tap(model, name, spec) for name, spec in taps.items()}
         self.tap_names = list(specs)
-        self._source = _HookedTaps(model, list(specs.values()), role, require_pre_relu=False)
+        self._source = HookedTaps(model, list(specs.values()), role, require_pre_relu=False)
         parameter = next(model.parameters(), torch.empty(0))
         factory = {"device": parameter.device, "dtype": parameter.dtype}
 
@@ -184,7 +184,7 @@ class FeatureTaps(AuxiliaryModelWrapper):
             if specs[name].bn is None:
                 raise ValueError(f"the channels of tap {name!r} are unknown (no BN at {taps[name]!r}): give "
                                  f"in_channels")
-            return model.get_submodule(specs[name].bn).num_features
+            return batch_norm_channels(model.get_submodule(specs[name].bn))
 
         self.taps = nn.ModuleDict({name: nn.Identity() for name in self.tap_names})
         self.margins = nn.ModuleDict()
