@@ -1,7 +1,7 @@
 """ofdkern: fused kernels for feature knowledge distillation losses."""
 from ._backends import BACKENDS, BackendUnavailableError, backend_status, registered_ops
 from .cpu_buffers import cpu_buffer_cache_bytes, empty_cpu_buffer_cache, set_cpu_buffer_cache_limit
-from .distill import OFDDistiller
+from .distill import ChannelAlignDistiller, FRSKDDistiller, OFDDistiller
 from .frskd import FRSKDLoss, SelfTeacher
 from .margins import DataMarginEstimator, margin_from_bn
 from .modules import ChannelAlign, Connector, OFDLoss
@@ -15,8 +15,10 @@ __all__ = [
     "BackendUnavailableError",
     "BlockTap",
     "ChannelAlign",
+    "ChannelAlignDistiller",
     "Connector",
     "DataMarginEstimator",
+    "FRSKDDistiller",
     "FRSKDLoss",
     "OFDDistiller",
     "OFDLoss",

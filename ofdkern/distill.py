@@ -19,15 +19,19 @@ from collections.abc import Iterable, Sequence
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ._validation import check_non_negative_number
+from ._backends import check_backend_name
+from ._validation import check_non_negative_number, check_positive_int, check_positive_number
+from .frskd import SelfTeacher
 from .margins import DataMarginEstimator, batch_norm_channels, margin_as_vector, margin_from_bn
-from .modules import Connector, OFDLoss
-from .taps import HookedTaps, eval_mode, resolve_taps, tap_channels
+from .modules import ChannelAlign, Connector, OFDLoss
+from .ops import attention_transfer_loss, kd_loss
+from .taps import HookedTaps, eval_mode, resolve_stages, resolve_taps, tap_channels
 
-__all__ = ["OFDDistiller"]
+__all__ = ["ChannelAlignDistiller", "FRSKDDistiller", "OFDDistiller"]
 
 REDUCTIONS = ("batchmean", "sum")
 
@@ -315,3 +319,229 @@ class OFDDistiller(nn.Module):
         return (f"stages={self.num_stages}, alpha={self.alpha}, margin={self.margin_source!r}, "
                 f"teacher_bn_train={self.teacher_bn_train}, reduction={self.reduction!r}")
 
+
+def _resized_to(student: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """The student feature at the teacher feature's spatial size: average-pooled where it is larger in every
+    dimension, bilinearly interpolated otherwise."""
+    if tuple(student.shape[2:]) == tuple(size):
+        return student
+    if all(s >= t for s, t in zip(student.shape[2:], size)):
+        return F.adaptive_avg_pool2d(student, tuple(size))
+    return F.interpolate(student, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+class ChannelAlignDistiller(nn.Module):
+    """Channel-wise transformation distillation (Liu et al., ICCVW 2023) between a teacher and a student:
+    ``forward(*inputs)`` returns ``(student_output, distill_loss)``; train with ``task_loss + distill_loss``.
+
+    ``distill_loss = alpha * sum_i sum (MLP_i(s_i) - t_i)^2 / N``: every stage's student feature goes through its
+    own per-pixel MLP (``ofdkern.ChannelAlign``: 1x1 conv to ``hidden`` channels, ReLU, 1x1 conv to the teacher's
+    channels), then plain L2 against the raw teacher feature, computed by the fused ``channel_align_loss`` (the
+    projected student never materializes). Unlike OFD it needs no ReLU: it distils SiLU, hard-swish and GELU
+    networks (EfficientNet, MobileNetV3, ConvNeXt) as well as ResNets.
+
+    Where the paper is silent, this class chooses:
+
+    * **stages**: the stage outputs ``ofdkern.find_stages`` finds (a timm model's ``feature_info`` from a
+      reduction of 4 on; the last ResNet / RegNet / MobileNetV2 block of every stage; a ``features``
+      Sequential's stages), every stage weighing 1, after the stage's activation: the features the next stage
+      receives;
+    * **spatial mismatch**: the student feature is brought to the teacher's size before the MLP (average pooling
+      where it is larger, bilinear interpolation otherwise); batches must match;
+    * **normalization**: none — the raw teacher feature and the sum over elements divided by the batch size
+      (``reduction="batchmean"``), the paper's ``sum (MLP(F_s) - F_t)^2 / N``; ``"sum"`` leaves out the division;
+    * **teacher mode**: eval (its BNs use their running statistics), without autograd;
+    * **alpha** defaults to 1e-4, the scale of OFD's ImageNet weight for a loss of the same form (a sum of
+      squares over the feature maps per sample); tune it per task.
+
+    Args:
+        teacher: the trained teacher; frozen here.
+        student: the network to train.
+        teacher_taps, student_taps: None (``find_stages``), a sequence of module names (their outputs) or
+            ``ofdkern.Tap`` objects, or a callable ``(model, *inputs) -> (features, output)``. Both sides need as
+            many stages.
+        alpha: the loss weight, a finite number >= 0.
+        hidden: the MLP's hidden width: None (each stage's teacher channels, the paper's) or a positive int.
+        reduction: "batchmean" or "sum".
+        backend: the ``channel_align_loss`` backend.
+        example_input: an input batch to run once now (eval mode, no autograd): checks the taps (needed before
+            ``torch.compile``), measures channel counts the structure does not tell, checks the shapes. A tuple
+            is the models' positional arguments.
+
+    The aligners are ``aligners[i]`` (saved by ``state_dict``), created with the student's device and dtype; give
+    the optimizer ``distiller.parameters()``. Under DistributedDataParallel wrap the distiller itself.
+    """
+
+    def __init__(self, teacher: nn.Module, student: nn.Module, teacher_taps=None, student_taps=None, *,
+                 alpha: float = 1e-4, hidden: int | None = None, reduction: str = "batchmean",
+                 backend: str = "auto", example_input=None):
+        super().__init__()
+        _check_models(teacher=teacher, student=student)
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        check_backend_name(backend)
+        self.alpha = check_non_negative_number("alpha", alpha)
+        if hidden is not None:
+            hidden = check_positive_int("hidden", hidden)
+        self.teacher = teacher.requires_grad_(False)
+        self.student = student
+        self.reduction = reduction
+        self._teacher_source = resolve_stages(teacher, teacher_taps, "teacher")
+        self._student_source = resolve_stages(student, student_taps, "student")
+        teacher_channels = _stage_channels(teacher, self._teacher_source, example_input, "teacher")
+        student_channels = _stage_channels(student, self._student_source, example_input, "student")
+        if len(teacher_channels) != len(student_channels):
+            raise ValueError(
+                f"the teacher has {len(teacher_channels)} stages and the student {len(student_channels)} (teacher "
+                f"taps {_describe(self._teacher_source)}, student taps {_describe(self._student_source)}): pass "
+                f"teacher_taps / student_taps with as many stages")
+        self.num_stages = len(teacher_channels)
+        self.teacher_channels, self.student_channels = teacher_channels, student_channels
+        factory = _factory(student)
+        self.aligners = nn.ModuleList(ChannelAlign(s, t, hidden, reduction="sum", backend=backend, **factory)
+                                      for s, t in zip(student_channels, teacher_channels))
+        if example_input is not None:
+            with torch.no_grad(), eval_mode(self):
+                self._check_shapes(*self._features(*_inputs(example_input))[:2])
+        self.train()
+
+    def train(self, mode: bool = True) -> "ChannelAlignDistiller":
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    @property
+    def teacher_taps(self):
+        return self._teacher_source.taps
+
+    @property
+    def student_taps(self):
+        return self._student_source.taps
+
+    def _features(self, *args, **kwargs):
+        with torch.no_grad():
+            teacher_features, _ = self._teacher_source.run(self.teacher, *args, **kwargs)
+        student_features, output = self._student_source.run(self.student, *args, **kwargs)
+        return teacher_features, student_features, output
+
+    def _check_shapes(self, teacher_features, student_features) -> None:
+        teacher_shapes, student_shapes = _shapes(teacher_features), _shapes(student_features)
+        found = f"teacher stage shapes {teacher_shapes}, student stage shapes {student_shapes}"
+        if len(teacher_shapes) != self.num_stages or len(student_shapes) != self.num_stages:
+            raise ValueError(f"expected {self.num_stages} stages on both sides, got {found}")
+        for stage, (t, s) in enumerate(zip(teacher_shapes, student_shapes)):
+            if len(t) != 4 or len(s) != 4 or t[0] != s[0]:
+                raise ValueError(f"stage {stage}: teacher and student features must be (N, C, H, W) with the same "
+                                 f"batch, got {found}")
+            if t[1] != self.teacher_channels[stage] or s[1] != self.student_channels[stage]:
+                raise ValueError(f"stage {stage}: expected {self.teacher_channels[stage]} teacher and "
+                                 f"{self.student_channels[stage]} student channels, got {found}: pass "
+                                 f"example_input to measure them")
+
+    def forward(self, *args, **kwargs):
+        teacher_features, student_features, output = self._features(*args, **kwargs)
+        self._check_shapes(teacher_features, student_features)
+        total = None
+        for aligner, s, t in zip(self.aligners, student_features, teacher_features):
+            stage = aligner(_resized_to(s, t.shape[2:]), t)
+            total = stage if total is None else total + stage
+        batch = _batch_size(student_features) if self.reduction == "batchmean" else 1
+        return output, total * (self.alpha / batch)
+
+    def extra_repr(self) -> str:
+        return f"stages={self.num_stages}, alpha={self.alpha}, reduction={self.reduction!r}"
+
+
+
+def _num_classes(model: nn.Module) -> int | None:
+    """The classes of a classifier: timm's ``num_classes``, else the output features of its last Linear."""
+    classes = getattr(model, "num_classes", None)
+    if isinstance(classes, int) and not isinstance(classes, bool) and classes > 0:
+        return classes
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return linears[-1].out_features if linears else None
+
+
+class FRSKDDistiller(nn.Module):
+    """FRSKD (Ji et al., CVPR 2021): a classifier and the self-teacher built on its stage features.
+
+    In training, ``forward(*inputs)`` returns ``(logits, self_teacher_logits, distill_loss)`` with
+    ``distill_loss = alpha * KD(logits, self_teacher_logits) + beta * sum_i AT(F_i, T_i)``: soft-label KD at
+    ``temperature`` and attention transfer between the model's stage features F_i and the self-teacher's refined
+    T_i, both with the self-teacher's side detached (the distillation terms update only the classifier). Add the
+    cross-entropy of both logits, as the paper does::
+
+        logits, teacher_logits, distill_loss = frskd(x)
+        loss = F.cross_entropy(logits, y) + F.cross_entropy(teacher_logits, y) + distill_loss
+
+    In eval mode ``forward`` returns the model's own output, unchanged: the self-teacher is for training only.
+
+    Args:
+        model: the classifier to train; its output in training must be the logits tensor.
+        num_classes: the self-teacher's classes; None: the model's (timm's ``num_classes``, else the output
+            features of its last ``nn.Linear``).
+        alpha, beta, temperature: the KD weight (2), the attention-transfer weight (100) and the KD temperature
+            (4), the paper's CIFAR-100 values.
+        width, depth: the self-teacher's channel multiplier and depthwise-separable units per node
+            (``ofdkern.SelfTeacher``).
+        taps: the stage features: None (``ofdkern.find_stages``: a timm model's ``feature_info`` from a
+            reduction of 4 on, the last ResNet / RegNet / MobileNetV2 block of every stage, a ``features``
+            Sequential's stages), module names (their outputs), ``ofdkern.Tap`` objects or a callable
+            ``(model, *inputs) -> (features, output)``. At least two, each half the spatial size of the one
+            before (the self-teacher's bottom-up path).
+        backend: the backend of the fused KD and attention-transfer losses.
+        example_input: an input batch to run once now (eval mode, no autograd): checks the taps, measures channel
+            counts the structure does not tell. A tuple is the model's positional arguments.
+
+    The self-teacher is ``self_teacher`` (saved by ``state_dict``), created with the model's device and dtype;
+    give the optimizer ``distiller.parameters()``.
+    """
+
+    def __init__(self, model: nn.Module, *, num_classes: int | None = None, alpha: float = 2.0, beta: float = 100.0,
+                 temperature: float = 4.0, width: int = 2, depth: int = 2, taps=None, backend: str = "auto",
+                 example_input=None):
+        super().__init__()
+        _check_models(model=model)
+        self.alpha = check_non_negative_number("alpha", alpha)
+        self.beta = check_non_negative_number("beta", beta)
+        self.temperature = check_positive_number("temperature", temperature)
+        check_backend_name(backend)
+        self.backend = backend
+        if num_classes is None:
+            num_classes = _num_classes(model)
+            if num_classes is None:
+                raise ValueError(f"the classes of {type(model).__name__} are unknown (no num_classes attribute, no "
+                                 f"nn.Linear): pass num_classes")
+        self.model = model
+        self._source = resolve_stages(model, taps, "model")
+        channels = _stage_channels(model, self._source, example_input, "model")
+        self.self_teacher = SelfTeacher(channels, num_classes, width=width, depth=depth).to(**_factory(model))
+        if example_input is not None:
+            with torch.no_grad(), eval_mode(self):
+                features, _ = self._source.run(model, *_inputs(example_input))
+                self.self_teacher(features)  # checks the stage count, channels and spatial sizes
+        self.train()
+
+    @property
+    def taps(self):
+        return self._source.taps
+
+    def forward(self, *args, **kwargs):
+        if not self.training:
+            return self.model(*args, **kwargs)
+        features, logits = self._source.run(self.model, *args, **kwargs)
+        classes = self.self_teacher.fc.out_features
+        if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[1] != classes:
+            raise ValueError(f"FRSKDDistiller needs the model to return (N, {classes}) logits (num_classes of the "
+                             f"self-teacher), got "
+                             f"{tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__}")
+        refined, teacher_logits = self.self_teacher(features)
+        distill = self.alpha * kd_loss(logits, teacher_logits.detach(), temperature=self.temperature,
+                                       backend=self.backend)
+        for feature, target in zip(features, refined):
+            distill = distill + self.beta * attention_transfer_loss(feature, target.detach(), backend=self.backend)
+        return logits, teacher_logits, distill
+
+    def extra_repr(self) -> str:
+        return (f"stages={len(self.self_teacher.channels)}, alpha={self.alpha}, beta={self.beta}, "
+                f"temperature={self.temperature}")

@@ -1,6 +1,7 @@
 """The distillers on the models people train, in their default constructors (timm and torchvision; weights are
 never downloaded): OFD's taps against the true pre-ReLU features (zero-initialized residuals, RegNets, frozen
-BatchNorms, detection and segmentation backbones) and its refusal of non-ReLU families."""
+BatchNorms, detection and segmentation backbones), its refusal of non-ReLU families, and channel alignment and
+FRSKD on ReLU and non-ReLU families, against eager computations on independently hooked features."""
 import copy
 
 import pytest
@@ -8,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ofdkern import OFDDistiller
+from distill_models import assert_channel_align_matches_eager, stage_outputs
+from ofdkern import ChannelAlignDistiller, FRSKDDistiller, OFDDistiller, find_stages, reference
 from ofdkern.margins import margin_from_bn
 from ofdkern.taps import BlockTap, Tap
 
@@ -220,3 +222,62 @@ def test_a_residual_block_ending_in_silu_is_refused_naming_channel_alignment(tim
     with pytest.raises(ValueError, match=r"student block 'layer1.1' \(BasicBlock\) ends in SiLU, not a ReLU.*"
                                          r"ofdkern.ChannelAlignDistiller"):
         distiller(batch())
+
+
+# -- channel alignment ------------------------------------------------------------------------------------------
+
+def test_channel_alignment_distils_non_relu_families_equal_to_eager():
+    teacher = timm.create_model("convnext_atto", num_classes=5).double()
+    student = timm.create_model("mobilenetv3_small_100", num_classes=5).double()
+    distiller = ChannelAlignDistiller(teacher, student, alpha=1e-3)
+    assert [tap.module for tap in distiller.teacher_taps] == ["stages.0", "stages.1", "stages.2", "stages.3"]
+    assert [tap.module for tap in distiller.student_taps] == ["blocks.0", "blocks.1", "blocks.3", "blocks.5"]
+    assert distiller.teacher_channels == [40, 80, 160, 320] and distiller.student_channels == [16, 24, 48, 576]
+    assert [a.conv1.out_channels for a in distiller.aligners] == [40, 80, 160, 320]  # hidden = teacher channels
+    for seed in (0, 1):  # the first forward checks the taps, the second reads them as in training
+        output, expected_output = assert_channel_align_matches_eager(distiller, batch(seed=seed).double())
+        torch.testing.assert_close(output, expected_output, rtol=0, atol=0)
+
+
+def test_channel_alignment_finds_the_stages_of_torchvision_models():
+    assert [tap.module for tap in find_stages(torchvision.models.mobilenet_v3_small())] == [
+        "features.1", "features.3", "features.8", "features.12"]
+    assert [tap.module for tap in find_stages(torchvision.models.efficientnet_b0())] == [
+        "features.2", "features.3", "features.5", "features.8"]
+    assert [tap.module for tap in find_stages(torchvision.models.resnet18())] == [
+        f"layer{i}.1" for i in range(1, 5)]
+
+
+def test_channel_alignment_distils_detection_models(detectors):
+    teacher, student = detectors
+    distiller = ChannelAlignDistiller(teacher, student, alpha=1e-5)
+    images, targets = detection_batch()
+    loss_dict, distill_loss = distiller(images, targets)
+    (sum(loss_dict.values()) + distill_loss).backward()
+    assert distill_loss > 0 and all(a.conv1.weight.grad is not None for a in distiller.aligners)
+
+
+# -- FRSKD ------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenetv3_small_100"])
+def test_frskd_builds_its_self_teacher_on_the_stages_and_equals_eager(name):
+    model = timm.create_model(name, num_classes=5).double()
+    frskd = FRSKDDistiller(model)
+    assert frskd.self_teacher.channels == tuple(e["num_chs"] for e in model.feature_info[1:])
+    x = batch(seed=0).double()
+    for _first_then_steady in range(2):
+        logits, teacher_logits, distill = frskd(x)
+        with torch.no_grad():
+            features, expected_logits = stage_outputs(model, frskd.taps, x)
+            refined, expected_teacher_logits = frskd.self_teacher(features)
+        expected = 2.0 * reference.kd_loss(expected_logits, expected_teacher_logits, temperature=4.0)
+        expected = expected + 100.0 * sum(reference.attention_transfer_loss(f, t) for f, t in zip(features, refined))
+        torch.testing.assert_close(logits, expected_logits, rtol=1e-12, atol=0)
+        torch.testing.assert_close(teacher_logits, expected_teacher_logits, rtol=1e-12, atol=0)
+        torch.testing.assert_close(distill, expected, rtol=1e-9, atol=0)
+    targets = torch.tensor([0, 1])
+    (F.cross_entropy(logits, targets) + F.cross_entropy(teacher_logits, targets) + distill).backward()
+    assert all(p.grad is not None for p in frskd.self_teacher.fc.parameters())
+    frskd.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(frskd(x), model(x), rtol=0, atol=0)
