@@ -19,7 +19,7 @@ from torchdistill.models.registry import AUXILIARY_MODEL_WRAPPER_DICT  # noqa: E
 
 import ofdkern.integrations.torchdistill as plugin  # noqa: E402
 from distill_models import ResNet, TorchvisionBasicBlock, WideResNet, images  # noqa: E402
-from ofdkern import reference  # noqa: E402
+from ofdkern import ChannelAlignDistiller, reference  # noqa: E402
 from ofdkern.taps import BlockTap, Tap  # noqa: E402
 from ofdkern.margins import DataMarginEstimator, margin_from_bn  # noqa: E402
 
@@ -180,6 +180,29 @@ def test_attention_transfer_channel_alignment_and_kd_equal_eager_on_bn_taps_over
     for got, parameter in zip(grads, parameters):
         torch.testing.assert_close(got, parameter.grad, rtol=1e-9, atol=1e-12)
     assert aligners["stage3"].align.conv2.weight.grad.abs().sum() > 0
+
+
+def test_stage_taps_give_channel_alignment_the_distillers_features_and_loss():
+    teacher = ResNet(TorchvisionBasicBlock, widths=(8, 12, 16), blocks=2)
+    student = ResNet(TorchvisionBasicBlock, seed=1)
+    names = ("stage0", "stage1", "stage2")
+    pairs = {n: {"student": {"path": f"taps.{n}"}, "teacher": {"path": f"taps.{n}"},
+                 "aligner": {"path": f"aligners.{n}"}} for n in names}
+    distillation = box(
+        teacher, student, {"taps": "stages"},
+        {"taps": "stages", "aligners": {n: {"t_channels": c} for n, c in zip(names, (8, 12, 16))}},
+        [f"taps.{n}" for n in names], [f"taps.{n}" for n in names] + [f"aligners.{n}" for n in names],
+        {"align": term("ofdkern.ChannelAlignLoss", 1e-2, feature_pairs=pairs)})
+    wrapper = distillation.student_model
+    assert wrapper.resolved_taps == {n: Tap(f"layer{i + 1}.0", bn=f"layer{i + 1}.0.bn2") for i, n in enumerate(names)}
+    distiller = ChannelAlignDistiller(teacher, student, alpha=1e-2)
+    for aligner, name in zip(distiller.aligners, names):
+        aligner.load_state_dict(wrapper.aligners[name].align.state_dict())
+    state = copy.deepcopy(student.state_dict())
+    x = images()
+    loss = distillation.forward_process(x, LABELS)
+    student.load_state_dict(state)
+    torch.testing.assert_close(loss, distiller(x)[1], rtol=1e-12, atol=0)
 
 
 def test_bad_configurations_are_named():

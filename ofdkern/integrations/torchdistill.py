@@ -64,10 +64,10 @@ try:
 except ImportError as error:  # pragma: no cover - exercised only without torchdistill
     raise ImportError("ofdkern.integrations.torchdistill needs torchdistill: pip install torchdistill") from error
 
-from ..margins import DataMarginEstimator, batch_norm_channels, margin_from_bn
+from ..margins import DataMarginEstimator, margin_from_bn
 from ..modules import ChannelAlign, Connector
 from ..ops import attention_transfer_loss, channel_align_loss, kd_loss, ofd_loss
-from ..taps import HookedTaps, Tap, tap_from_name
+from ..taps import HookedTaps, Tap, find_stages, tap_channels, tap_from_name
 
 __all__ = ["AttentionTransferLoss", "ChannelAlignFeatureLoss", "FeatureTaps", "LOSS_KEYS", "OFDFeatureLoss",
            "SoftTargetKDLoss", "WRAPPER_KEY"]
@@ -112,6 +112,8 @@ class _AlignerWeights(nn.Module):
 
 
 def _as_tap(model: nn.Module, name: str, spec) -> Tap:
+    if isinstance(spec, Tap):
+        return spec
     if isinstance(spec, str):
         return tap_from_name(model, spec)
     if isinstance(spec, dict):
@@ -140,7 +142,9 @@ class FeatureTaps(AuxiliaryModelWrapper):
         teacher_model / student_model: the wrapped model (torchdistill passes one of them).
         taps: ``{name: spec}``, in stage order. A spec is a module path (a stage or residual block: the last
             block's pre-ReLU feature, as ``OFDDistiller``'s names; any other module: its output) or a mapping of
-            ``ofdkern.Tap`` fields. The feature is the output of ``taps.<name>``.
+            ``ofdkern.Tap`` fields. Or ``"stages"``: the stage outputs ``ofdkern.find_stages`` finds (what
+            ``ChannelAlignDistiller`` and ``FRSKDDistiller`` read, any activation), named ``stage0``, ``stage1``,
+            ... The feature is the output of ``taps.<name>``.
         margins: ``{name: source}`` for OFD's margin of a teacher tap: ``"bn"`` (``margin_from_bn`` of the tap's
             BN), the module path of a BN, or ``"data"`` (the running mean of the negative values of every
             feature the teacher has produced, updated at each forward). The margin is the output of
@@ -150,7 +154,8 @@ class FeatureTaps(AuxiliaryModelWrapper):
         aligners: ``{name: {"t_channels": C, "hidden": H, "in_channels": c}}`` (hidden and in_channels
             optional): an ``ofdkern.ChannelAlign`` MLP on a student tap for ``"ofdkern.ChannelAlignLoss"``; the
             output of ``aligners.<name>`` is its weights.
-        ``in_channels`` default to the channels of the tap's BN.
+        ``in_channels`` default to the channels the structure tells (``ofdkern.taps.tap_channels``: the tap's
+        BN, a timm ``feature_info`` entry, the last convolution of the tapped module).
 
     Tap names must be valid module names (no dots).
     """
@@ -163,8 +168,11 @@ class FeatureTaps(AuxiliaryModelWrapper):
             raise ValueError("FeatureTaps wraps one model: pass teacher_model or student_model")
         model = teacher_model if teacher_model is not None else student_model
         role = "teacher" if teacher_model is not None else "student"
+        if taps == "stages":
+            taps = {f"stage{index}": tap for index, tap in enumerate(find_stages(model))}
         if not isinstance(taps, dict) or not taps:
-            raise ValueError(f"taps must be a non-empty mapping of names to module paths, got {taps!r}")
+            raise ValueError(f"taps must be \"stages\" or a non-empty mapping of names to module paths, got "
+                             f"{taps!r} (no stages found in {type(model).__name__} when \"stages\")")
         bad = [name for name in taps if not isinstance(name, str) or not name or "." in name]
         if bad:
             raise ValueError(f"tap names must be non-empty strings without dots, got {bad}")
@@ -181,10 +189,11 @@ class FeatureTaps(AuxiliaryModelWrapper):
         def channels(name, given):
             if given is not None:
                 return given
-            if specs[name].bn is None:
-                raise ValueError(f"the channels of tap {name!r} are unknown (no BN at {taps[name]!r}): give "
-                                 f"in_channels")
-            return batch_norm_channels(model.get_submodule(specs[name].bn))
+            known = tap_channels(model, specs[name])
+            if known is None:
+                raise ValueError(f"the channels of tap {name!r} are unknown (no BN or convolution at "
+                                 f"{taps[name]!r}): give in_channels")
+            return known
 
         self.taps = nn.ModuleDict({name: nn.Identity() for name in self.tap_names})
         self.margins = nn.ModuleDict()
