@@ -595,11 +595,12 @@ class HookedTaps:
         _refuse_unchecked_forward(args, kwargs, self.role)
         probes = {index: _BlockProbe(model, spec, self.role) for index, spec in enumerate(self.specs)
                   if isinstance(spec, BlockTap) and self.capture.taps[index] is None}
-        trace = _ReluTrace(list(probes.values()))
+        # The trace sees every torch call of the forward: only what needs it (block probes, OFD's check) pays.
+        trace = _ReluTrace(list(probes.values())) if probes or self.require_pre_relu else None
         self.capture.begin()
         self.capture.trace = trace
         try:
-            with trace:
+            with trace if trace is not None else contextlib.nullcontext():
                 output = model(*args, **kwargs)
         finally:
             self.capture.active = False

@@ -10,7 +10,7 @@ Importing this module (torchdistill is an optional dependency of ofdkern) regist
 Why a wrapper: torchdistill's forward hooks keep a reference to a module's input or output without copying it, so
 an in-place op later in the forward overwrites what they recorded: the input of torchvision's in-place ``relu``
 (the pre-ReLU sum, which no torchvision module outputs), the output of a BN followed by
-``nn.ReLU(inplace=True)``. ``FeatureTaps`` reads its taps with ``ofdkern.taps``' taps (a stage or block name
+``nn.ReLU(inplace=True)``. ``FeatureTaps`` reads its features with ``ofdkern.taps`` (a stage or block name
 taps the block's pre-ReLU feature, located and checked on the first forward; any other module its output; a
 tensor that is overwritten later is copied) and passes each feature through an identity module
 ``taps.<name>``, whose output torchdistill's hooks then record unchanged. What needs the models lives in the
