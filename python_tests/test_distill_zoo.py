@@ -127,6 +127,16 @@ def test_zero_initialized_residual_blocks_are_tapped_at_their_true_pre_relu_sums
         assert student.conv1.weight.grad.abs().sum() > 0  # the zero-initialized branches pass no gradient yet
 
 
+def test_resnet_d_and_se_resnext_blocks_are_tapped_at_their_true_pre_relu_sums():
+    # ResNet-D: deep stem, average-pool shortcuts; SE-ResNeXt: grouped convs, the sum added onto the SE output.
+    teacher = timm.create_model("seresnext26d_32x4d", num_classes=5)
+    student = timm.create_model("resnet26d", num_classes=5)
+    distiller = OFDDistiller(teacher, student)
+    assert [tap.module for tap in distiller.teacher_taps] == [f"layer{i}.1" for i in range(1, 5)]
+    assert_taps_read_the_true_pre_relu_features(distiller, batch())
+    assert all(tap.relu == f"{tap.module}.act3" for tap in distiller.teacher_taps + distiller.student_taps)
+
+
 def test_regnets_of_timm_and_torchvision_are_tapped_at_their_true_pre_relu_sums():
     teacher = timm.create_model("regnety_002", num_classes=5)
     student = torchvision.models.regnet_y_400mf(num_classes=5)
