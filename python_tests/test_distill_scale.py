@@ -1,6 +1,7 @@
 """The distillers at scale: a whole training step under torch.compile (no graph breaks from the taps, same result
-as eager), and DistributedDataParallel (and FSDP2 for OFD) on two processes against one process on the global
-batch. OFD runs on one model per hook path a tap is read by; channel alignment and FRSKD on the first."""
+as eager), and DistributedDataParallel (and FSDP2 for OFD and channel alignment) on two processes against one
+process on the global batch. OFD runs on one model per hook path a tap is read by; channel alignment and FRSKD on
+the first."""
 import os
 
 import pytest
@@ -153,8 +154,8 @@ def _worker(rank, wrapper, method, rendezvous, result_path):
             for layer in distiller.student.layers():
                 fully_shard(layer, mesh=mesh)
             fully_shard(distiller.student, mesh=mesh)
-            for connector in distiller.connectors:
-                fully_shard(connector, mesh=mesh)
+            for transform in distiller.connectors if method == "ofd" else distiller.aligners:
+                fully_shard(transform, mesh=mesh)
             model = distiller
         shard = slice(rank * GLOBAL_BATCH // WORLD_SIZE, (rank + 1) * GLOBAL_BATCH // WORLD_SIZE)
         _train(model, [p for p in distiller.parameters() if p.requires_grad], data[shard], labels[shard])
@@ -170,7 +171,8 @@ def _worker(rank, wrapper, method, rendezvous, result_path):
 
 # (wrapper, method, the prefixes of the trained parameters: the student's and the method's own)
 WRAPPERS = [("ddp", "ofd", "student.", "connectors."), ("fsdp2", "ofd", "student.", "connectors."),
-            ("ddp", "channel-align", "student.", "aligners."), ("ddp", "frskd", "model.", "self_teacher.")]
+            ("ddp", "channel-align", "student.", "aligners."), ("fsdp2", "channel-align", "student.", "aligners."),
+            ("ddp", "frskd", "model.", "self_teacher.")]
 
 
 @pytest.mark.parametrize("wrapper, method, student, own", WRAPPERS, ids=[f"{w}-{m}" for w, m, *_ in WRAPPERS])
