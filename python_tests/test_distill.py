@@ -549,8 +549,8 @@ def accuracies(stdout, label="OFD"):
 
 
 def assert_reported_gain(stdout, found, label):
-    reported = re.search(re.escape(label) + r" - baseline, same seed .*: (-?[\d.]+) ± 0.00 points, better on ([01]) of 1 "
-                         r"seeds", stdout)
+    reported = re.search(re.escape(label) + r" - baseline, same seed .*: (-?[\d.]+) ± 0.00 points, better on "
+                         r"([01]) of 1 seeds", stdout)
     assert reported, stdout
     gain = found[f"student ({label})"] - found["student (baseline)"]
     assert abs(float(reported.group(1)) - gain) <= 0.011 and reported.group(2) == str(int(float(reported.group(1)) > 0))
@@ -580,3 +580,20 @@ def test_digits_example_trains_with_the_other_distillers(method, label):
     # needs the full 20 epochs (measured in the example's docstring), so four only bound it.
     assert found[f"student ({label})"] >= (25.0 if method == "channel-align" else 0.0), stdout
     assert_reported_gain(stdout, found, label)
+
+
+def test_segmentation_example_reports_mean_iou_of_both_students():
+    pytest.importorskip("sklearn")
+    pytest.importorskip("tqdm")
+    script = os.path.join(os.path.dirname(__file__), "..", "examples", "distill_segmentation.py")
+    run = subprocess.run([sys.executable, script, "--seeds", "1", "--steps", "30", "--scenes", "100"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    found = {}
+    for model in ("teacher", "student (baseline)", "student (OFD)"):
+        match = re.search(re.escape(model) + r"\s+([\d.]+) ± 0.00", run.stdout)
+        assert match, run.stdout
+        found[model] = float(match.group(1))
+    assert 0.0 < min(found.values()) and max(found.values()) <= 100.0, run.stdout
+    assert found["teacher"] > found["student (baseline)"], run.stdout  # 30 steps with every mask against 10 masks
+    assert_reported_gain(run.stdout, found, "OFD")
