@@ -1,20 +1,24 @@
 """ofdkern: fused kernels for feature knowledge distillation losses."""
 from ._backends import BACKENDS, BackendUnavailableError, backend_status, registered_ops
 from .cpu_buffers import cpu_buffer_cache_bytes, empty_cpu_buffer_cache, set_cpu_buffer_cache_limit
-from .distill import OFDDistiller, Tap, find_taps
+from .distill import ChannelAlignDistiller, FRSKDDistiller, OFDDistiller
 from .frskd import FRSKDLoss, SelfTeacher
 from .margins import DataMarginEstimator, margin_from_bn
 from .modules import ChannelAlign, Connector, OFDLoss
 from .ops import attention_transfer_loss, channel_align_loss, kd_loss, ofd_loss, set_cpu_bfloat16_gemms
+from .taps import BlockTap, Tap, find_stages, find_taps
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
     "BackendUnavailableError",
+    "BlockTap",
     "ChannelAlign",
+    "ChannelAlignDistiller",
     "Connector",
     "DataMarginEstimator",
+    "FRSKDDistiller",
     "FRSKDLoss",
     "OFDDistiller",
     "OFDLoss",
@@ -25,6 +29,7 @@ __all__ = [
     "channel_align_loss",
     "cpu_buffer_cache_bytes",
     "empty_cpu_buffer_cache",
+    "find_stages",
     "find_taps",
     "kd_loss",
     "margin_from_bn",

@@ -11,12 +11,42 @@ import math
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.instancenorm import _InstanceNorm
 
 from ._validation import check_positive_int, check_tensor
 
 # Below this negative-side probability the reference replaces the conditional mean by -3 * sigma
 # (1 / Phi would blow up).
 _MIN_NEGATIVE_PROBABILITY = 0.001
+
+
+def is_batch_norm(module) -> bool:
+    """A torch BatchNorm, or a frozen one (``torchvision.ops.FrozenBatchNorm2d``, timm's): per-channel
+    ``weight``, ``bias``, ``running_mean`` and ``running_var`` tensors and an ``eps``, always normalizing with the
+    running statistics. Frozen ones are how torchvision's detection and segmentation backbones ship."""
+    if isinstance(module, _BatchNorm):
+        return True
+    if not isinstance(module, nn.Module) or isinstance(module, _InstanceNorm) or not hasattr(module, "eps"):
+        return False
+    tensors = [getattr(module, name, None) for name in ("weight", "bias", "running_mean", "running_var")]
+    return all(isinstance(t, torch.Tensor) and t.dim() == 1 and t.shape == tensors[0].shape for t in tensors)
+
+
+def batch_norm_channels(bn: nn.Module) -> int:
+    """The channel count of a module for which ``is_batch_norm`` holds."""
+    return bn.num_features if isinstance(bn, _BatchNorm) else bn.weight.numel()
+
+
+def margin_as_vector(margin: torch.Tensor) -> torch.Tensor:
+    """A per-channel margin of shape (C,), (1, C, 1, ...) (the reference's buffer) or (C, 1, ...) (what broadcasts
+    against (N, C, H, W) from the right) as a detached (C,) copy."""
+    check_tensor("margin", margin, min_dim=1, max_dim=5)
+    shape = tuple(margin.shape)
+    leading_one = shape[0] == 1 and all(size == 1 for size in shape[2:])
+    trailing_ones = all(size == 1 for size in shape[1:])
+    if margin.dim() > 1 and not (leading_one or trailing_ones):
+        raise ValueError(f"margin must have shape (C,), (1, C, 1, ...) or (C, 1, ...), got {shape}")
+    return margin.detach().reshape(-1).clone()
 
 
 def _normal_cdf(x: torch.Tensor) -> torch.Tensor:
@@ -32,7 +62,7 @@ def _normal_cdf(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def margin_from_bn(bn: _BatchNorm) -> torch.Tensor:
+def margin_from_bn(bn: nn.Module) -> torch.Tensor:
     """The OFD margin of every channel from the BatchNorm that precedes the teacher's ReLU.
 
     For a channel with ``s = |gamma|`` and ``b = beta`` the BN output is taken as ``N(b, s^2)`` and the margin
@@ -49,16 +79,19 @@ def margin_from_bn(bn: _BatchNorm) -> torch.Tensor:
     parameters give what the reference gives (NaN, or ``-3 s`` when only beta is NaN).
 
     Args:
-        bn: any ``torch.nn`` BatchNorm (1d/2d/3d, SyncBatchNorm, an initialized lazy one); parameters of any
-            float dtype.
+        bn: any ``torch.nn`` BatchNorm (1d/2d/3d, SyncBatchNorm, an initialized lazy one), or a frozen BatchNorm
+            (``torchvision.ops.FrozenBatchNorm2d``, timm's; its ``weight`` and ``bias`` buffers are gamma and
+            beta); parameters of any float dtype.
 
     Returns:
         A detached float32 tensor of shape (C,) on the device of ``bn``'s parameters (buffers when it has
         none, CPU when it has neither).
     """
+    if not is_batch_norm(bn):
+        raise TypeError(f"bn must be a torch.nn BatchNorm module or a frozen BatchNorm, got {type(bn).__name__}")
     if not isinstance(bn, _BatchNorm):
-        raise TypeError(f"bn must be a torch.nn BatchNorm module, got {type(bn).__name__}")
-    if bn.affine:
+        gamma, beta = bn.weight.double(), bn.bias.double()
+    elif bn.affine:
         if nn.parameter.is_lazy(bn.weight):
             raise ValueError("bn is a lazy BatchNorm that has not seen an input yet: run a forward pass first")
         gamma, beta = bn.weight.double(), bn.bias.double()

@@ -10,21 +10,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ._backends import check_backend_name
 from ._validation import ALIGN_REDUCTIONS, check_positive_int, check_reduction, check_tensor
-from .margins import margin_from_bn
+from .margins import margin_as_vector, margin_from_bn
 from . import reference
 from .ops import channel_align_loss, ofd_loss
-
-
-def _margin_as_vector(margin: torch.Tensor) -> torch.Tensor:
-    """A per-channel margin of shape (C,), (1, C, 1, ...) (the reference's buffer) or (C, 1, ...) (what broadcasts
-    against (N, C, H, W) from the right) as a detached (C,) copy."""
-    check_tensor("margin", margin, min_dim=1, max_dim=5)
-    shape = tuple(margin.shape)
-    leading_one = shape[0] == 1 and all(size == 1 for size in shape[2:])
-    trailing_ones = all(size == 1 for size in shape[1:])
-    if margin.dim() > 1 and not (leading_one or trailing_ones):
-        raise ValueError(f"margin must have shape (C,), (1, C, 1, ...) or (C, 1, ...), got {shape}")
-    return margin.detach().reshape(-1).clone()
 
 
 class OFDLoss(nn.Module):
@@ -48,7 +36,7 @@ class OFDLoss(nn.Module):
         super().__init__()
         check_reduction(reduction)
         check_backend_name(backend)
-        self.register_buffer("margin", _margin_as_vector(margin))
+        self.register_buffer("margin", margin_as_vector(margin))
         self.reduction = reduction
         self.backend = backend
 
@@ -149,7 +137,7 @@ class ChannelAlign(nn.Module):
         self.conv2 = nn.Conv2d(hidden, t_channels, kernel_size=1, **factory)
         margin = None
         if ofd_margin is not None:
-            margin = _margin_as_vector(ofd_margin)
+            margin = margin_as_vector(ofd_margin)
             if margin.numel() != t_channels:
                 raise ValueError(f"ofd_margin must have {t_channels} values (teacher channels), got {margin.numel()}")
             margin = margin.to(device=device)

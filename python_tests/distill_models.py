@@ -1,6 +1,6 @@
 """Tiny models written in the conventions the distiller meets, each recording its true stage pre-ReLU features
-(the oracle: ``model.stage_pre_relu()`` after a forward), and the parity helper that checks the distiller against
-an eager computation on those features.
+(the oracle: ``model.stage_pre_relu()`` after a forward), and the parity helpers that check the OFD and channel
+alignment distillers against eager computations on those features and on stage outputs read by plain hooks.
 
 The conventions (structure only; the code is ours):
 * torchvision: ``out += identity; return self.relu(out)`` with one ``nn.ReLU(inplace=True)`` module;
@@ -467,3 +467,53 @@ def assert_distiller_matches_eager(distiller, x, *, expected_margins=None, rtol=
     for got, parameter in zip(got_grads, trainable):
         torch.testing.assert_close(got, parameter.grad, rtol=rtol, atol=atol)
     return loss
+
+
+def stage_outputs(model, taps, *inputs):
+    """The stage outputs read by plain forward hooks (the oracle), and the model's output."""
+    outputs = [None] * len(taps)
+
+    def reader(index):
+        def read(_module, _args, output):
+            outputs[index] = output.clone()
+        return read
+
+    handles = [model.get_submodule(tap.module).register_forward_hook(reader(index)) for index, tap in enumerate(taps)]
+    try:
+        result = model(*inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return outputs, result
+
+
+def eager_channel_align_loss(distiller, teacher_features, student_features, batch_size):
+    total = 0
+    for aligner, s, t in zip(distiller.aligners, student_features, teacher_features):
+        if s.shape[2:] != t.shape[2:]:
+            s = (F.adaptive_avg_pool2d(s, t.shape[2:]) if s.shape[2] >= t.shape[2]
+                 else F.interpolate(s, size=t.shape[2:], mode="bilinear", align_corners=False))
+        total = total + reference.channel_align_loss(s, t, aligner.conv1.weight, aligner.conv1.bias,
+                                                     aligner.conv2.weight, aligner.conv2.bias)
+    return distiller.alpha * total / batch_size
+
+
+def assert_channel_align_matches_eager(distiller, *inputs, rtol=1e-9):
+    state = copy.deepcopy(distiller.state_dict())
+    distiller.zero_grad(set_to_none=True)
+    output, loss = distiller(*inputs)
+    loss.backward()
+    trainable = [p for p in distiller.parameters() if p.grad is not None]  # the classifier head gets none
+    got = [p.grad.clone() for p in trainable]
+    distiller.load_state_dict(state)
+    distiller.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        teacher_features, _ = stage_outputs(distiller.teacher, distiller.teacher_taps, *inputs)
+    student_features, expected_output = stage_outputs(distiller.student, distiller.student_taps, *inputs)
+    expected = eager_channel_align_loss(distiller, teacher_features, student_features, student_features[0].shape[0])
+    expected.backward()
+    torch.testing.assert_close(loss, expected, rtol=rtol, atol=0)
+    assert loss > 0
+    for grad, p in zip(got, trainable):
+        torch.testing.assert_close(grad, p.grad, rtol=rtol, atol=1e-12)
+    return output, expected_output

@@ -19,8 +19,8 @@ from torchdistill.models.registry import AUXILIARY_MODEL_WRAPPER_DICT  # noqa: E
 
 import ofdkern.integrations.torchdistill as plugin  # noqa: E402
 from distill_models import ResNet, TorchvisionBasicBlock, WideResNet, images  # noqa: E402
-from ofdkern import reference  # noqa: E402
-from ofdkern.distill import BlockTap, Tap  # noqa: E402
+from ofdkern import ChannelAlignDistiller, FRSKDDistiller, reference  # noqa: E402
+from ofdkern.taps import BlockTap, Tap  # noqa: E402
 from ofdkern.margins import DataMarginEstimator, margin_from_bn  # noqa: E402
 
 STAGES = ("layer1", "layer2", "layer3")
@@ -180,6 +180,66 @@ def test_attention_transfer_channel_alignment_and_kd_equal_eager_on_bn_taps_over
     for got, parameter in zip(grads, parameters):
         torch.testing.assert_close(got, parameter.grad, rtol=1e-9, atol=1e-12)
     assert aligners["stage3"].align.conv2.weight.grad.abs().sum() > 0
+
+
+def test_stage_taps_give_channel_alignment_the_distillers_features_and_loss():
+    teacher = ResNet(TorchvisionBasicBlock, widths=(8, 12, 16), blocks=2)
+    student = ResNet(TorchvisionBasicBlock, seed=1)
+    names = ("stage0", "stage1", "stage2")
+    pairs = {n: {"student": {"path": f"taps.{n}"}, "teacher": {"path": f"taps.{n}"},
+                 "aligner": {"path": f"aligners.{n}"}} for n in names}
+    distillation = box(
+        teacher, student, {"taps": "stages"},
+        {"taps": "stages", "aligners": {n: {"t_channels": c} for n, c in zip(names, (8, 12, 16))}},
+        [f"taps.{n}" for n in names], [f"taps.{n}" for n in names] + [f"aligners.{n}" for n in names],
+        {"align": term("ofdkern.ChannelAlignLoss", 1e-2, feature_pairs=pairs)})
+    wrapper = distillation.student_model
+    assert wrapper.resolved_taps == {n: Tap(f"layer{i + 1}.0", bn=f"layer{i + 1}.0.bn2") for i, n in enumerate(names)}
+    distiller = ChannelAlignDistiller(teacher, student, alpha=1e-2)
+    for aligner, name in zip(distiller.aligners, names):
+        aligner.load_state_dict(wrapper.aligners[name].align.state_dict())
+    state = copy.deepcopy(student.state_dict())
+    x = images()
+    loss = distillation.forward_process(x, LABELS)
+    student.load_state_dict(state)
+    torch.testing.assert_close(loss, distiller(x)[1], rtol=1e-12, atol=0)
+
+
+def test_frskd_in_a_training_box_equals_the_distiller():
+    # Self-distillation: the self-teacher lives in the student's wrapper; no teacher model at all.
+    from torchdistill.core.training import TrainingBox
+
+    student = ResNet(TorchvisionBasicBlock, seed=1)
+    names = ("stage0", "stage1", "stage2")
+    own = {"from": "student"}
+    hooks = [f"{kind}.{n}" for n in names for kind in ("taps", "refined")] + ["self_teacher_logits"]
+    cross_entropy = {"criterion": {"key": "CrossEntropyLoss", "kwargs": {}}, "weight": 1.0, "criterion_wrapper": {
+        "key": "SimpleLossWrapper", "kwargs": {"input": {"is_from_teacher": False, "module_path": "PATH",
+                                                         "io": "output"}, "target": {"uses_label": True}}}}
+    sub_terms = {
+        "ce": copy.deepcopy(cross_entropy), "ce_self_teacher": copy.deepcopy(cross_entropy),
+        "kd": term("ofdkern.KDLoss", 2.0, teacher={"path": "self_teacher_logits", **own}),
+        "at": term("ofdkern.ATLoss", 100.0, feature_pairs={
+            n: {"student": {"path": f"taps.{n}"}, "teacher": {"path": f"refined.{n}", **own}} for n in names})}
+    sub_terms["ce"]["criterion_wrapper"]["kwargs"]["input"]["module_path"] = "."
+    sub_terms["ce_self_teacher"]["criterion_wrapper"]["kwargs"]["input"]["module_path"] = "self_teacher_logits"
+    wrapper_kwargs = {"taps": "stages", "self_teacher": {"num_classes": 5, "width": 1, "depth": 1}}
+    train_config = {"num_epochs": 1, "model": {
+        "forward_proc": "forward_batch_only", "forward_hook": {"input": [], "output": hooks},
+        "auxiliary_model_wrapper": {"key": plugin.WRAPPER_KEY, "kwargs": wrapper_kwargs}},
+        "criterion": {"key": "WeightedSumLoss", "kwargs": {"sub_terms": sub_terms}}}
+    training = TrainingBox(student, {}, train_config, torch.device("cpu"), None, False, 1)
+    wrapper = training.model
+
+    frskd = FRSKDDistiller(student, width=1, depth=1)
+    frskd.self_teacher.load_state_dict(wrapper.self_teacher.state_dict())
+    state = copy.deepcopy(wrapper.state_dict())
+    x = images()
+    loss = training.forward_process(x, LABELS)
+    wrapper.load_state_dict(state)
+    logits, teacher_logits, distill = frskd(x)
+    expected = F.cross_entropy(logits, LABELS) + F.cross_entropy(teacher_logits, LABELS) + distill
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=0)
 
 
 def test_bad_configurations_are_named():

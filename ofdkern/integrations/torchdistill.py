@@ -10,14 +10,15 @@ Importing this module (torchdistill is an optional dependency of ofdkern) regist
 Why a wrapper: torchdistill's forward hooks keep a reference to a module's input or output without copying it, so
 an in-place op later in the forward overwrites what they recorded: the input of torchvision's in-place ``relu``
 (the pre-ReLU sum, which no torchvision module outputs), the output of a BN followed by
-``nn.ReLU(inplace=True)``. ``FeatureTaps`` reads its taps with ``ofdkern.distill``'s taps (a stage or block name
+``nn.ReLU(inplace=True)``. ``FeatureTaps`` reads its features with ``ofdkern.taps`` (a stage or block name
 taps the block's pre-ReLU feature, located and checked on the first forward; any other module its output; a
 tensor that is overwritten later is copied) and passes each feature through an identity module
 ``taps.<name>``, whose output torchdistill's hooks then record unchanged. What needs the models lives in the
-wrapper too: the student's connectors (``connectors.<name>``) and channel aligners (``aligners.<name>``), whose
-parameters reach torchdistill's optimizer only as submodules of the student model, and the teacher's margins
-(``margins.<name>``), read from its BNs or measured on its features. The losses find everything by module path
-in the I/O dicts, like torchdistill's own.
+wrapper too: the student's connectors (``connectors.<name>``), channel aligners (``aligners.<name>``) and FRSKD
+self-teacher (``refined.<name>``, ``self_teacher_logits``), whose parameters reach torchdistill's optimizer only
+as submodules of the student model, and the teacher's margins (``margins.<name>``), read from its BNs or measured
+on its features. The losses find everything by module path in the I/O dicts, like torchdistill's own (an entry
+with ``"from": "student"`` reads the student's, for self-distillation).
 
 A configuration (see ``examples/torchdistill/``)::
 
@@ -64,10 +65,11 @@ try:
 except ImportError as error:  # pragma: no cover - exercised only without torchdistill
     raise ImportError("ofdkern.integrations.torchdistill needs torchdistill: pip install torchdistill") from error
 
-from ..distill import Tap, _HookedTaps, _tap_from_name
 from ..margins import DataMarginEstimator, margin_from_bn
+from ..frskd import SelfTeacher
 from ..modules import ChannelAlign, Connector
 from ..ops import attention_transfer_loss, channel_align_loss, kd_loss, ofd_loss
+from ..taps import HookedTaps, Tap, find_stages, tap_channels, tap_from_name
 
 __all__ = ["AttentionTransferLoss", "ChannelAlignFeatureLoss", "FeatureTaps", "LOSS_KEYS", "OFDFeatureLoss",
            "SoftTargetKDLoss", "WRAPPER_KEY"]
@@ -112,15 +114,17 @@ class _AlignerWeights(nn.Module):
 
 
 def _as_tap(model: nn.Module, name: str, spec) -> Tap:
+    if isinstance(spec, Tap):
+        return spec
     if isinstance(spec, str):
-        return _tap_from_name(model, spec)
+        return tap_from_name(model, spec)
     if isinstance(spec, dict):
         tap = Tap(**spec)
         for path in (tap.module, tap.relu, tap.bn):
             if path is not None:
                 model.get_submodule(path)
         return tap
-    raise TypeError(f"taps[{name!r}] must be a module path or a mapping of ofdkern.distill.Tap fields, got "
+    raise TypeError(f"taps[{name!r}] must be a module path or a mapping of ofdkern.Tap fields, got "
                     f"{type(spec).__name__}")
 
 
@@ -133,14 +137,16 @@ def _check_names(option: str, names, taps: dict) -> None:
 @register_auxiliary_model_wrapper(key=WRAPPER_KEY)
 class FeatureTaps(AuxiliaryModelWrapper):
     """torchdistill auxiliary model wrapper (key ``"ofdkern.FeatureTaps"``) that reads features with
-    ``ofdkern.distill``'s in-place-safe taps and exposes them, and what is built on them, as module outputs for
+    ``ofdkern.taps``' in-place-safe taps and exposes them, and what is built on them, as module outputs for
     torchdistill's forward hooks. ``forward(x)`` returns the model's output.
 
     Args:
         teacher_model / student_model: the wrapped model (torchdistill passes one of them).
         taps: ``{name: spec}``, in stage order. A spec is a module path (a stage or residual block: the last
             block's pre-ReLU feature, as ``OFDDistiller``'s names; any other module: its output) or a mapping of
-            ``ofdkern.distill.Tap`` fields. The feature is the output of ``taps.<name>``.
+            ``ofdkern.Tap`` fields. Or ``"stages"``: the stage outputs ``ofdkern.find_stages`` finds (what
+            ``ChannelAlignDistiller`` and ``FRSKDDistiller`` read, any activation), named ``stage0``, ``stage1``,
+            ... The feature is the output of ``taps.<name>``.
         margins: ``{name: source}`` for OFD's margin of a teacher tap: ``"bn"`` (``margin_from_bn`` of the tap's
             BN), the module path of a BN, or ``"data"`` (the running mean of the negative values of every
             feature the teacher has produced, updated at each forward). The margin is the output of
@@ -150,21 +156,30 @@ class FeatureTaps(AuxiliaryModelWrapper):
         aligners: ``{name: {"t_channels": C, "hidden": H, "in_channels": c}}`` (hidden and in_channels
             optional): an ``ofdkern.ChannelAlign`` MLP on a student tap for ``"ofdkern.ChannelAlignLoss"``; the
             output of ``aligners.<name>`` is its weights.
-        ``in_channels`` default to the channels of the tap's BN.
+        self_teacher: ``{"num_classes": K, "width": 2, "depth": 2}`` (width and depth optional): FRSKD's
+            ``ofdkern.SelfTeacher`` on the student's taps, in order; its refined features are the outputs of
+            ``refined.<name>``, its logits the output of ``self_teacher_logits``. Self-distillation reads them from
+            the student's I/O dict: give the losses' teacher entries ``"from": "student"`` (a ``TrainingBox``
+            has no teacher).
+        ``in_channels`` default to the channels the structure tells (``ofdkern.taps.tap_channels``: the tap's
+        BN, a timm ``feature_info`` entry, the last convolution of the tapped module).
 
     Tap names must be valid module names (no dots).
     """
 
     def __init__(self, teacher_model: nn.Module | None = None, student_model: nn.Module | None = None, *,
                  taps: dict, margins: dict | None = None, connectors: dict | None = None,
-                 aligners: dict | None = None, **_torchdistill_kwargs):
+                 aligners: dict | None = None, self_teacher: dict | None = None, **_torchdistill_kwargs):
         super().__init__()
         if (teacher_model is None) == (student_model is None):
             raise ValueError("FeatureTaps wraps one model: pass teacher_model or student_model")
         model = teacher_model if teacher_model is not None else student_model
         role = "teacher" if teacher_model is not None else "student"
+        if taps == "stages":
+            taps = {f"stage{index}": tap for index, tap in enumerate(find_stages(model))}
         if not isinstance(taps, dict) or not taps:
-            raise ValueError(f"taps must be a non-empty mapping of names to module paths, got {taps!r}")
+            raise ValueError(f"taps must be \"stages\" or a non-empty mapping of names to module paths, got "
+                             f"{taps!r} (no stages found in {type(model).__name__} when \"stages\")")
         bad = [name for name in taps if not isinstance(name, str) or not name or "." in name]
         if bad:
             raise ValueError(f"tap names must be non-empty strings without dots, got {bad}")
@@ -174,17 +189,18 @@ class FeatureTaps(AuxiliaryModelWrapper):
         self.model = model
         specs = {name: _as_tap(model, name, spec) for name, spec in taps.items()}
         self.tap_names = list(specs)
-        self._source = _HookedTaps(model, list(specs.values()), role, require_pre_relu=False)
+        self._source = HookedTaps(model, list(specs.values()), role, require_pre_relu=False)
         parameter = next(model.parameters(), torch.empty(0))
         factory = {"device": parameter.device, "dtype": parameter.dtype}
 
         def channels(name, given):
             if given is not None:
                 return given
-            if specs[name].bn is None:
-                raise ValueError(f"the channels of tap {name!r} are unknown (no BN at {taps[name]!r}): give "
-                                 f"in_channels")
-            return model.get_submodule(specs[name].bn).num_features
+            known = tap_channels(model, specs[name])
+            if known is None:
+                raise ValueError(f"the channels of tap {name!r} are unknown (no BN or convolution at "
+                                 f"{taps[name]!r}): give in_channels")
+            return known
 
         self.taps = nn.ModuleDict({name: nn.Identity() for name in self.tap_names})
         self.margins = nn.ModuleDict()
@@ -208,6 +224,15 @@ class FeatureTaps(AuxiliaryModelWrapper):
             config = dict(config)
             in_channels = channels(name, config.pop("in_channels", None))
             self.aligners[name] = _AlignerWeights(in_channels, config.pop("t_channels"), **config, **factory)
+        self.self_teacher = None
+        if self_teacher is not None:
+            if not isinstance(self_teacher, dict) or "num_classes" not in self_teacher:
+                raise ValueError(f"self_teacher must be a mapping with 'num_classes' (and 'width', 'depth'), got "
+                                 f"{self_teacher!r}")
+            stage_channels = [channels(name, None) for name in self.tap_names]
+            self.self_teacher = SelfTeacher(stage_channels, **self_teacher).to(**factory)
+            self.refined = nn.ModuleDict({name: nn.Identity() for name in self.tap_names})
+            self.self_teacher_logits = nn.Identity()
 
     @property
     def resolved_taps(self) -> dict:
@@ -224,21 +249,31 @@ class FeatureTaps(AuxiliaryModelWrapper):
                 self.margins[name](feature.detach())
             if name in self.aligners:
                 self.aligners[name]()
+        if self.self_teacher is not None:
+            refined, logits = self.self_teacher(features)
+            for name, feature in zip(self.tap_names, refined):
+                self.refined[name](feature)
+            self.self_teacher_logits(logits)
         return output
 
 
 # -- the losses ------------------------------------------------------------------------------------------------
 
-def _io_value(io_dict: dict, spec, role: str, loss: str):
-    """The recorded value named by ``{"path": ..., "io": "output"}`` in a torchdistill I/O dict."""
+def _io_value(io_dicts: tuple[dict, dict], spec, role: str, loss: str):
+    """The recorded value named by ``{"path": ..., "io": "output", "from": role}`` in one of the (student,
+    teacher) torchdistill I/O dicts: the ``role``'s, or the one ``"from"`` names (``"student"`` for a teacher
+    entry of self-distillation: FRSKD's self-teacher lives in the student's wrapper)."""
     if not isinstance(spec, dict) or "path" not in spec:
         raise ValueError(f"{loss}: a {role} entry must be a mapping with 'path' (and 'io', default 'output'), got "
                          f"{spec!r}")
-    path, io = spec["path"], spec.get("io", "output")
+    path, io, side = spec["path"], spec.get("io", "output"), spec.get("from", role)
+    if side not in ("student", "teacher"):
+        raise ValueError(f"{loss}: a {role} entry's 'from' must be 'student' or 'teacher', got {side!r}")
+    io_dict = io_dicts[0] if side == "student" else io_dicts[1]
     try:
         return io_dict[path][io]
     except KeyError:
-        raise KeyError(f"{loss}: the {role} I/O dict holds no {io!r} of {path!r}: list {path!r} in the {role}'s "
+        raise KeyError(f"{loss}: the {side} I/O dict holds no {io!r} of {path!r}: list {path!r} in the {side}'s "
                        f"forward_hook {io} paths") from None
 
 
@@ -292,11 +327,12 @@ class OFDFeatureLoss(nn.Module):
         self._checked = False
 
     def forward(self, student_io_dict, teacher_io_dict, *_args, **_kwargs):
+        io_dicts = (student_io_dict, teacher_io_dict)
         total, batch = 0.0, 1
         for (name, pair), weight in zip(self.pairs, self.weights):
-            student = _io_value(student_io_dict, pair["student"], "student", "ofdkern.OFDLoss")
-            teacher = _io_value(teacher_io_dict, pair["teacher"], "teacher", "ofdkern.OFDLoss").detach()
-            margin = _io_value(teacher_io_dict, pair["margin"], "teacher", "ofdkern.OFDLoss").detach()
+            student = _io_value(io_dicts, pair["student"], "student", "ofdkern.OFDLoss")
+            teacher = _io_value(io_dicts, pair["teacher"], "teacher", "ofdkern.OFDLoss").detach()
+            margin = _io_value(io_dicts, pair["margin"], "teacher", "ofdkern.OFDLoss").detach()
             if not self._checked and teacher.numel() and not bool((teacher < 0).any()):
                 raise ValueError(
                     f"ofdkern.OFDLoss: teacher feature {pair['teacher']['path']!r} of pair {name!r} has no negative "
@@ -332,14 +368,15 @@ class ChannelAlignFeatureLoss(nn.Module):
         self.reduction, self.backend = reduction, backend
 
     def forward(self, student_io_dict, teacher_io_dict, *_args, **_kwargs):
+        io_dicts = (student_io_dict, teacher_io_dict)
         total = 0.0
         for _name, pair in self.pairs:
-            student = _io_value(student_io_dict, pair["student"], "student", "ofdkern.ChannelAlignLoss")
-            weights = _io_value(student_io_dict, pair["aligner"], "student", "ofdkern.ChannelAlignLoss")
-            teacher = _io_value(teacher_io_dict, pair["teacher"], "teacher", "ofdkern.ChannelAlignLoss").detach()
+            student = _io_value(io_dicts, pair["student"], "student", "ofdkern.ChannelAlignLoss")
+            weights = _io_value(io_dicts, pair["aligner"], "student", "ofdkern.ChannelAlignLoss")
+            teacher = _io_value(io_dicts, pair["teacher"], "teacher", "ofdkern.ChannelAlignLoss").detach()
             margin = None
             if "margin" in pair:
-                margin = _io_value(teacher_io_dict, pair["margin"], "teacher", "ofdkern.ChannelAlignLoss").detach()
+                margin = _io_value(io_dicts, pair["margin"], "teacher", "ofdkern.ChannelAlignLoss").detach()
             total = total + float(pair.get("weight", 1.0)) * channel_align_loss(
                 student, teacher, *weights, margin=margin, reduction=self.reduction, backend=self.backend)
         return total
@@ -365,10 +402,11 @@ class AttentionTransferLoss(nn.Module):
         self.p, self.reduction, self.backend = p, reduction, backend
 
     def forward(self, student_io_dict, teacher_io_dict, *_args, **_kwargs):
+        io_dicts = (student_io_dict, teacher_io_dict)
         total = 0.0
         for _name, pair in self.pairs:
-            student = _io_value(student_io_dict, pair["student"], "student", "ofdkern.ATLoss")
-            teacher = _io_value(teacher_io_dict, pair["teacher"], "teacher", "ofdkern.ATLoss").detach()
+            student = _io_value(io_dicts, pair["student"], "student", "ofdkern.ATLoss")
+            teacher = _io_value(io_dicts, pair["teacher"], "teacher", "ofdkern.ATLoss").detach()
             total = total + float(pair.get("weight", 1.0)) * attention_transfer_loss(
                 student, teacher, p=self.p, reduction=self.reduction, backend=self.backend)
         return total
@@ -394,6 +432,7 @@ class SoftTargetKDLoss(nn.Module):
         self.temperature, self.reduction, self.backend = temperature, reduction, backend
 
     def forward(self, student_io_dict, teacher_io_dict, *_args, **_kwargs):
-        student = _io_value(student_io_dict, self.student, "student", "ofdkern.KDLoss")
-        teacher = _io_value(teacher_io_dict, self.teacher, "teacher", "ofdkern.KDLoss").detach()
+        io_dicts = (student_io_dict, teacher_io_dict)
+        student = _io_value(io_dicts, self.student, "student", "ofdkern.KDLoss")
+        teacher = _io_value(io_dicts, self.teacher, "teacher", "ofdkern.KDLoss").detach()
         return kd_loss(student, teacher, temperature=self.temperature, reduction=self.reduction, backend=self.backend)
