@@ -1,6 +1,6 @@
 """Build of ofdkern and its extension ofdkern._C.
 
-Environment flags (see README "Build flags"):
+Environment flags (see docs/install.md, "Build flags"):
   OFDKERN_NO_EXTENSION=1  build no extension: pure Python + Triton (reference and triton backends only)
   OFDKERN_FORCE_CUDA=1    build the CUDA kernels even though no GPU is visible (needs a CUDA build of torch,
                           nvcc, CUDA_HOME and TORCH_CUDA_ARCH_LIST); fails loudly if that is impossible

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# One worker builds the module fixture once (pytest-xdist, --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("gpu_check")
 SCRIPT = REPO / "tools" / "gpu_check.sh"
 STAGES = ("extension check", "tests (-m gpu)", "bench", "sanitize")
 

@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# One worker builds the module fixture once (pytest-xdist, --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("wheel")
 
 # Run in the fresh environment: every op of op_cases.CASES on CPU float32, backend "auto", against the reference.
 CHECK_OPS = textwrap.dedent("""
