@@ -15,7 +15,8 @@ import torch
 import ofdkern
 from ofdkern import reference
 from ofdkern.ops.align import channel_align_fused
-from ofdkern.ops.frskd import attention_transfer_fused, kd_loss_fused
+from ofdkern.ops.attention_transfer import attention_transfer_fused
+from ofdkern.ops.kd import kd_loss_fused
 from ofdkern.ops.ofd import ofd_loss_fused
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -189,5 +190,6 @@ KD = OpCase(
     layouts=("contiguous",),
     reductions=("batchmean", "sum", "mean", "none"),
 )
+
 
 CASES = (OFD, ALIGN, ALIGN_OFD, ATTENTION, KD)

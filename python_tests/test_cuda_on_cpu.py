@@ -17,7 +17,7 @@ import torch
 
 import ofdkern
 from ofdkern._dtypes import accumulation_dtype
-from ofdkern.ops import align, frskd, ofd
+from ofdkern.ops import align, attention_transfer, kd, ofd
 
 import cuda_on_cpu
 import op_cases
@@ -38,7 +38,8 @@ def emulated():
 def cuda_kernels(emulated, monkeypatch):
     """``backend="cpu"`` runs the emulated CUDA kernels (the backends' kernel lookups, patched)."""
     def attention_transfer_forward(student, teacher, p, count):
-        # csrc/frskd_op.cpp's composite on the emulated kernels. (frskd_triton has its Python twin, but Triton's
+        # csrc/attention_transfer_op.cpp's composite on the emulated kernels. (attention_transfer_triton has its
+        # Python twin, but Triton's
         # native library aborts on import in the AddressSanitizer run below.)
         map_student, map_teacher = emulated.attention_map(student, p), emulated.attention_map(teacher, p)
         dtype = torch.promote_types(map_student.dtype, map_teacher.dtype)
@@ -50,8 +51,9 @@ def cuda_kernels(emulated, monkeypatch):
 
     monkeypatch.setattr(ofd, "_fused_kernel", lambda backend: emulated.ofd_fused.default)
     monkeypatch.setattr(align, "_kernel", lambda backend: emulated.align_fused.default)
-    monkeypatch.setattr(frskd, "_kernels", lambda backend: frskd._Kernels(
-        attention_transfer_forward, emulated.attention_map_backward.default, emulated.kd_fused.default))
+    monkeypatch.setattr(attention_transfer, "_kernels", lambda backend: attention_transfer._Kernels(
+        attention_transfer_forward, emulated.attention_map_backward.default))
+    monkeypatch.setattr(kd, "kd_kernel", lambda backend: emulated.kd_fused.default)
     return emulated
 
 

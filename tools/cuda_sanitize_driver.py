@@ -1,7 +1,7 @@
 """Exercises every instance of the CUDA kernels of ``ofdkern::ofd_fused``, ``ofdkern::scale_``,
-``ofdkern::align_fused`` and the FRSKD ops (``attention_map``, ``attention_map_backward``,
-``attention_transfer_maps``, ``kd_fused``) on small, awkward inputs, for tools/sanitize_cuda.sh (compute-sanitizer
-memcheck / racecheck) and as a plain GPU smoke test.
+``ofdkern::align_fused``, the attention-transfer ops (``attention_map``, ``attention_map_backward``,
+``attention_transfer_maps``) and ``kd_fused`` on small, awkward inputs, for
+tools/sanitize_cuda.sh (compute-sanitizer memcheck / racecheck) and as a plain GPU smoke test.
 
 Covers: all 16 output combinations (loss reduced or per element x each gradient), fp32/fp64/fp16/bf16,
 NCHW, channels_last, channels_last_3d, 2-D features, a size-1 channel dim, sizes that leave a scalar tail,
@@ -15,9 +15,9 @@ the eager reference.
 align_fused: NCHW, channels_last and mixed layouts, with and without a margin, several gradient combinations,
 2-D features, one pixel, several tiles, an empty batch, against its C++ CPU kernel and rerun bitwise.
 
-FRSKD: KD rows of one chunk (the fused kernel) and of several (stats, terms, finish and teacher kernels), a
-single class, sizes one past a chunk, every combination of gradients; attention maps and their gradients for
-NCHW, channels_last, channels_last_3d, a layout the kernels do not walk (copied), 2-D features and size-1 dims,
+Attention transfer and KD: KD rows of one chunk (the fused kernel) and of several (stats, terms, finish and
+teacher kernels), a single class, sizes one past a chunk, every combination of gradients; attention maps and
+their gradients for NCHW, channels_last, channels_last_3d, a layout the kernels do not walk (copied), 2-D features and size-1 dims,
 exponents 2, 1 and general; the map math with an all-zero map (below F.normalize's eps); empty inputs. Each is
 checked against the C++ CPU kernel and rerun bitwise, and the public losses with autograd against the reference.
 Exit status 1 on any mismatch.
