@@ -33,31 +33,41 @@ void for_position_tiles(const FeatureGeometry& g, int64_t tile, Visit&& visit) {
   });
 }
 
-// sums[0, n) = sum_c f^p over `channels` rows channel_stride apart from f, channel after channel, for n
-// positions in K vectors (the last one last_lanes wide), with the sums in registers.
+// A map adds its channels in leaves of kChannelLeaf consecutive channels, each summed in order in the
+// accumulation type, and adds the leaves' sums in float64, the maps' dtype (attention_transfer_fused.h). The
+// order depends on the channel count alone, so the bits do not depend on threads or schedule.
+constexpr int64_t kChannelLeaf = 8;
+
+// sums[0, n) = sum_c f^p over `channels` rows channel_stride apart from f, for n positions in K vectors (the
+// last one last_lanes wide): a leaf in K vector registers, the leaves' total in float64.
 template <int K, int kExponent, typename scalar_t>
 void channel_power_sums(const scalar_t* f, int64_t channel_stride, int64_t channels, int64_t last_lanes,
-                        const Vectorized<accumulation_t<scalar_t>>& exponent, accumulation_t<scalar_t>* sums) {
+                        const Vectorized<accumulation_t<scalar_t>>& exponent, double* sums) {
   using acc_t = accumulation_t<scalar_t>;
   using Vec = Vectorized<acc_t>;
   constexpr int64_t width = Vec::size();
   const auto lanes = [&](int k) { return k == K - 1 ? last_lanes : width; };
-  Vec acc[K];
-  for (int k = 0; k < K; ++k) acc[k] = Vec(acc_t(0));
-  for (int64_t c = 0; c < channels; ++c) {
-    const scalar_t* row = f + c * channel_stride;
-    for (int k = 0; k < K; ++k) {
-      acc[k] += attention_power<VecMath<acc_t>, kExponent>(load_widened(row + k * width, lanes(k)), exponent);
+  acc_t leaf[K * width];
+  double total[K * width] = {};
+  for (int64_t first = 0; first < channels; first += kChannelLeaf) {
+    Vec acc[K];
+    for (int k = 0; k < K; ++k) acc[k] = Vec(acc_t(0));
+    for (int64_t c = first; c < std::min(channels, first + kChannelLeaf); ++c) {
+      const scalar_t* row = f + c * channel_stride;
+      for (int k = 0; k < K; ++k) {
+        acc[k] += attention_power<VecMath<acc_t>, kExponent>(load_widened(row + k * width, lanes(k)), exponent);
+      }
     }
+    for (int k = 0; k < K; ++k) acc[k].store(leaf + k * width);
+    for (int64_t i = 0; i < K * width; ++i) total[i] += leaf[i];
   }
-  for (int k = 0; k < K; ++k) acc[k].store(sums + k * width, lanes(k));
+  std::copy(total, total + (K - 1) * width + last_lanes, sums);
 }
 
 // channel_power_sums<vectors> for 1 <= vectors <= kMapRegisterVectors.
 template <int K = 1, int kExponent, typename scalar_t>
 void channel_power_sums_of(int64_t vectors, const scalar_t* f, int64_t channel_stride, int64_t channels,
-                           int64_t last_lanes, const Vectorized<accumulation_t<scalar_t>>& exponent,
-                           accumulation_t<scalar_t>* sums) {
+                           int64_t last_lanes, const Vectorized<accumulation_t<scalar_t>>& exponent, double* sums) {
   if constexpr (K < kMapRegisterVectors) {
     if (vectors > K) {
       channel_power_sums_of<K + 1, kExponent>(vectors, f, channel_stride, channels, last_lanes, exponent, sums);
@@ -67,9 +77,9 @@ void channel_power_sums_of(int64_t vectors, const scalar_t* f, int64_t channel_s
   channel_power_sums<K, kExponent>(f, channel_stride, channels, last_lanes, exponent, sums);
 }
 
-// a = mean_c(f^p): for positions innermost (NCHW), a tile of positions accumulates channel after channel in
-// vectors across positions; for channels innermost (channels_last), each position sums its channels in vector
-// lanes, added in lane order.
+// a = mean_c(f^p) in float64, the channels added in leaves (kChannelLeaf): for positions innermost (NCHW), a
+// tile of positions accumulates in vectors across positions; for channels innermost (channels_last), each
+// position sums a leaf's channels in vector lanes, then adds the lanes in float64 in order.
 template <typename scalar_t, int kExponent>
 void attention_map_typed(const at::Tensor& feature, double p, const at::Tensor& map) {
   using acc_t = accumulation_t<scalar_t>;
@@ -78,51 +88,63 @@ void attention_map_typed(const at::Tensor& feature, double p, const at::Tensor& 
   constexpr int64_t width = Vec::size();
   const FeatureGeometry g = geometry(feature);
   const scalar_t* f = feature.const_data_ptr<scalar_t>();
-  acc_t* out = map.mutable_data_ptr<acc_t>();
+  double* out = map.mutable_data_ptr<double>();
   const Vec exponent(static_cast<acc_t>(p));
-  const acc_t channels = static_cast<acc_t>(g.channels);
+  const double channels = static_cast<double>(g.channels);
 
   if (attention_positions_inner(feature)) {
     for_position_tiles(g, kPositionTile, [&](int64_t n, int64_t j0, int64_t j1) {
-      acc_t sums[kPositionTile];
+      double sums[kPositionTile];
       const int64_t len = j1 - j0;
       const scalar_t* tile = f + n * g.batch_stride + j0;
       const int64_t vectors = (len + width - 1) / width;
       if (vectors <= kMapRegisterVectors) {
-        // Few positions: in memory, each channel's update of their sums would wait on the last one's store.
+        // Few positions: in memory, each channel's update of a leaf's sums would wait on the last one's store.
         channel_power_sums_of<1, kExponent>(vectors, tile, g.channel_stride, g.channels,
                                             len - (vectors - 1) * width, exponent, sums);
       } else {
-        // Many: the rows stream in order; the sums' store-to-load latency hides behind a row of vectors.
-        std::fill(sums, sums + len, acc_t(0));
-        for (int64_t c = 0; c < g.channels; ++c) {
-          const scalar_t* x = tile + c * g.channel_stride;
-          for (int64_t i = 0; i < len; i += width) {
-            const int64_t lanes = std::min(width, len - i);
-            (Vec::loadu(sums + i, lanes) + attention_power<M, kExponent>(load_widened(x + i, lanes), exponent))
-                .store(sums + i, lanes);
+        // Many: the rows stream in order; the leaf's store-to-load latency hides behind a row of vectors.
+        acc_t leaf[kPositionTile];
+        std::fill(sums, sums + len, 0.0);
+        for (int64_t first = 0; first < g.channels; first += kChannelLeaf) {
+          std::fill(leaf, leaf + len, acc_t(0));
+          for (int64_t c = first; c < std::min(g.channels, first + kChannelLeaf); ++c) {
+            const scalar_t* x = tile + c * g.channel_stride;
+            for (int64_t i = 0; i < len; i += width) {
+              const int64_t lanes = std::min(width, len - i);
+              (Vec::loadu(leaf + i, lanes) + attention_power<M, kExponent>(load_widened(x + i, lanes), exponent))
+                  .store(leaf + i, lanes);
+            }
           }
+          for (int64_t i = 0; i < len; ++i) sums[i] += leaf[i];
         }
       }
       for (int64_t i = 0; i < len; ++i) out[n * g.positions + j0 + i] = sums[i] / channels;
     });
   } else {
     for_position_tiles(g, kChannelsInnerTile, [&](int64_t n, int64_t j0, int64_t j1) {
+      acc_t lanes_of_leaf[width];
       for (int64_t j = j0; j < j1; ++j) {
         const scalar_t* position = f + n * g.batch_stride + j * g.position_stride;
-        Vec sum(acc_t(0));
-        for (int64_t c = 0; c < g.channels; c += width) {
-          const int64_t lanes = std::min(width, g.channels - c);
-          sum += first_lanes(attention_power<M, kExponent>(load_widened(position + c, lanes), exponent), lanes);
+        double total = 0;
+        for (int64_t first = 0; first < g.channels; first += kChannelLeaf * width) {
+          Vec sum(acc_t(0));
+          for (int64_t c = first; c < std::min(g.channels, first + kChannelLeaf * width); c += width) {
+            const int64_t lanes = std::min(width, g.channels - c);
+            sum += first_lanes(attention_power<M, kExponent>(load_widened(position + c, lanes), exponent), lanes);
+          }
+          sum.store(lanes_of_leaf);
+          for (acc_t lane : lanes_of_leaf) total += lane;
         }
-        out[n * g.positions + j] = lane_sum(sum) / channels;
+        out[n * g.positions + j] = total / channels;
       }
     });
   }
 }
 
-// d <grad_map, a> / d f = (grad_map / C) * p f^(p-1) (the mean's backward, then the power's, as autograd
-// applies them); one read of the feature and one write of its gradient, in the feature's layout.
+// d <grad_map, a> / d f = (grad_map / C) * p f^(p-1) (the mean's backward, in float64 and rounded once to the
+// accumulation type, then the power's, as autograd applies them); one read of the feature and one write of its
+// gradient, in the feature's layout.
 template <typename scalar_t, int kExponent>
 void attention_map_backward_typed(const at::Tensor& feature, const at::Tensor& grad_map, double p,
                                   const at::Tensor& grad) {
@@ -132,10 +154,10 @@ void attention_map_backward_typed(const at::Tensor& feature, const at::Tensor& g
   constexpr int64_t step = kPairWidth<acc_t>;
   const FeatureGeometry g = geometry(feature);
   const scalar_t* f = feature.const_data_ptr<scalar_t>();
-  const acc_t* gm = grad_map.const_data_ptr<acc_t>();
+  const double* gm = grad_map.const_data_ptr<double>();
   scalar_t* out = grad.mutable_data_ptr<scalar_t>();
   const Vec exponent(static_cast<acc_t>(p));
-  const acc_t channels = static_cast<acc_t>(g.channels);
+  const double channels = static_cast<double>(g.channels);
   // n (<= step) elements of f's gradient from those at x and their factors grad_map / C.
   const auto pair_grad = [&](const scalar_t* x, const VectorPair<acc_t>& grad_mean, int64_t n, scalar_t* y) {
     const VectorPair<acc_t> v = load_pair(x, n);
@@ -151,7 +173,9 @@ void attention_map_backward_typed(const at::Tensor& feature, const at::Tensor& g
       // The factors of the tile's positions, repeated past its end: element e of a row (or of the run below)
       // takes its step factors from e % len on.
       acc_t grad_mean[kPositionTile + step];
-      for (int64_t i = 0; i < len + step; ++i) grad_mean[i] = gm[n * g.positions + j0 + i % len] / channels;
+      for (int64_t i = 0; i < len + step; ++i) {
+        grad_mean[i] = static_cast<acc_t>(gm[n * g.positions + j0 + i % len] / channels);
+      }
       // A sample whose channel rows follow each other is one run of C * len elements, walked in full steps
       // however short its rows (a dense gradient: rows never overlap, so this means the whole sample).
       const bool one_run = g.channel_stride == len;
@@ -177,7 +201,7 @@ void attention_map_backward_typed(const at::Tensor& feature, const at::Tensor& g
   } else {
     for_position_tiles(g, kChannelsInnerTile, [&](int64_t n, int64_t j0, int64_t j1) {
       for (int64_t j = j0; j < j1; ++j) {
-        const Vec grad_mean(gm[n * g.positions + j] / channels);
+        const Vec grad_mean(static_cast<acc_t>(gm[n * g.positions + j] / channels));
         const int64_t offset = n * g.batch_stride + j * g.position_stride;
         int64_t c = 0;
         for (; c + step <= g.channels; c += step) {

@@ -19,52 +19,75 @@
 namespace ofdkern {
 namespace {
 
+// A thread sums its channels in leaves of kChannelLeaf, in order, in the accumulation type, and adds the leaves'
+// sums in float64, the maps' dtype (attention_transfer_fused.h).
+constexpr int kChannelLeaf = 8;
+
+// sum of f^p over channels first, first + step, ... below `channels` of one position, in leaves.
+template <int kExponent, typename scalar_t>
+__device__ double strided_channel_power_sum(const scalar_t* position, int64_t channel_stride, int64_t first,
+                                            int64_t step, int64_t channels, accumulation_t<scalar_t> p) {
+  using acc_t = accumulation_t<scalar_t>;
+  using M = ScalarMath<acc_t>;
+  double total = 0;
+  const int64_t leaf_span = step * kChannelLeaf;
+  for (int64_t leaf_first = first; leaf_first < channels; leaf_first += leaf_span) {
+    acc_t leaf = 0;
+    const int64_t leaf_end = leaf_first + leaf_span < channels ? leaf_first + leaf_span : channels;
+    for (int64_t c = leaf_first; c < leaf_end; c += step)
+      leaf += attention_power<M, kExponent>(static_cast<acc_t>(position[c * channel_stride]), p);
+    total += leaf;
+  }
+  return total;
+}
+
 // Positions innermost: a block is 32 consecutive positions (coalesced) x 8 channel groups; group k sums the
-// channels k, k + 8, ... in order, and the groups are added in group order.
+// channels k, k + 8, ... (strided_channel_power_sum), and the groups are added in a fixed tree.
 constexpr int kPositionLanes = 32;
 constexpr int kChannelGroups = kThreads / kPositionLanes;
 
 template <typename scalar_t, int kExponent>
 __global__ void __launch_bounds__(kThreads)
     attention_map_positions_kernel(const scalar_t* feature, FeatureGeometry g, accumulation_t<scalar_t> p,
-                                   accumulation_t<scalar_t>* map, int64_t tiles) {
-  using acc_t = accumulation_t<scalar_t>;
-  using M = ScalarMath<acc_t>;
-  __shared__ acc_t group_sums[kChannelGroups][kPositionLanes];
+                                   double* map, int64_t tiles) {
+  __shared__ double group_sums[kChannelGroups][kPositionLanes];
   const int64_t n = blockIdx.x / tiles;
   const int64_t j = (blockIdx.x % tiles) * kPositionLanes + threadIdx.x;
-  acc_t sum = 0;
+  double sum = 0;
   if (j < g.positions) {
     const scalar_t* position = feature + n * g.batch_stride + j * g.position_stride;
-    for (int64_t c = threadIdx.y; c < g.channels; c += kChannelGroups)
-      sum += attention_power<M, kExponent>(static_cast<acc_t>(position[c * g.channel_stride]), p);
+    sum = strided_channel_power_sum<kExponent>(position, g.channel_stride, threadIdx.y, kChannelGroups, g.channels,
+                                               p);
   }
   group_sums[threadIdx.y][threadIdx.x] = sum;
   __syncthreads();
   if (threadIdx.y == 0 && j < g.positions) {
-    acc_t total = 0;
-    for (int k = 0; k < kChannelGroups; ++k) total += group_sums[k][threadIdx.x];
-    map[n * g.positions + j] = total / static_cast<acc_t>(g.channels);
+    double level[kChannelGroups];
+#pragma unroll
+    for (int k = 0; k < kChannelGroups; ++k) level[k] = group_sums[k][threadIdx.x];
+#pragma unroll
+    for (int width = kChannelGroups / 2; width > 0; width /= 2) {
+#pragma unroll
+      for (int k = 0; k < width; ++k) level[k] += level[k + width];
+    }
+    map[n * g.positions + j] = level[0] / static_cast<double>(g.channels);
   }
 }
 
-// Channels innermost: a warp per position, its lanes over the (coalesced) channels, added in a fixed tree.
+// Channels innermost: a warp per position, its lanes over the (coalesced) channels (strided_channel_power_sum),
+// added in a fixed tree.
 template <typename scalar_t, int kExponent>
 __global__ void __launch_bounds__(kThreads)
     attention_map_channels_kernel(const scalar_t* feature, FeatureGeometry g, accumulation_t<scalar_t> p,
-                                  accumulation_t<scalar_t>* map) {
-  using acc_t = accumulation_t<scalar_t>;
-  using M = ScalarMath<acc_t>;
+                                  double* map) {
   const int64_t q = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / kWarpSize;
   const int lane = threadIdx.x % kWarpSize;
   if (q >= g.batch * g.positions) return;  // whole warps leave: the shuffles below stay full-warp
   const int64_t n = q / g.positions, j = q % g.positions;
   const scalar_t* position = feature + n * g.batch_stride + j * g.position_stride;
-  acc_t sum = 0;
-  for (int64_t c = lane; c < g.channels; c += kWarpSize)
-    sum += attention_power<M, kExponent>(static_cast<acc_t>(position[c * g.channel_stride]), p);
+  double sum = strided_channel_power_sum<kExponent>(position, g.channel_stride, lane, kWarpSize, g.channels, p);
   sum = warp_reduce(sum, SumOp{});
-  if (lane == 0) map[q] = sum / static_cast<acc_t>(g.channels);
+  if (lane == 0) map[q] = sum / static_cast<double>(g.channels);
 }
 
 at::Tensor attention_map_cuda(const at::Tensor& feature_in, double p) {
@@ -78,7 +101,7 @@ at::Tensor attention_map_cuda(const at::Tensor& feature_in, double p) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feature.scalar_type(), "attention_map_cuda", [&] {
     using acc_t = accumulation_t<scalar_t>;
     const scalar_t* f = feature.const_data_ptr<scalar_t>();
-    acc_t* out = map.mutable_data_ptr<acc_t>();
+    double* out = map.mutable_data_ptr<double>();
     with_attention_exponent(p, [&](auto kind) {
       constexpr int kExponent = decltype(kind)::value;
       if (positions_inner) {
@@ -102,8 +125,7 @@ at::Tensor attention_map_cuda(const at::Tensor& feature_in, double p) {
 template <typename scalar_t, int kExponent, bool kChannelsInner>
 __global__ void __launch_bounds__(kThreads)
     attention_map_backward_kernel(const scalar_t* feature, FeatureGeometry g, FeatureGeometry out_g,
-                                  const accumulation_t<scalar_t>* grad_map, accumulation_t<scalar_t> p,
-                                  scalar_t* grad) {
+                                  const double* grad_map, accumulation_t<scalar_t> p, scalar_t* grad) {
   using acc_t = accumulation_t<scalar_t>;
   using M = ScalarMath<acc_t>;
   const int64_t inner = kChannelsInner ? g.channels : g.positions;
@@ -111,12 +133,13 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
   if (row >= g.batch * outer) return;
   const int64_t n = row / outer, o = row % outer;
-  const acc_t channels = static_cast<acc_t>(g.channels);
+  const double channels = static_cast<double>(g.channels);
   for (int64_t i = threadIdx.x; i < inner; i += blockDim.x) {
     const int64_t c = kChannelsInner ? i : o, j = kChannelsInner ? o : i;
     const acc_t x = static_cast<acc_t>(feature[n * g.batch_stride + c * g.channel_stride + j * g.position_stride]);
-    // The mean's backward (g / C), then the power's, as autograd applies them.
-    const acc_t value = (grad_map[n * g.positions + j] / channels) * attention_power_grad<M, kExponent>(x, p);
+    // The mean's backward (g / C, rounded once to acc_t), then the power's, as autograd applies them.
+    const acc_t value =
+        static_cast<acc_t>(grad_map[n * g.positions + j] / channels) * attention_power_grad<M, kExponent>(x, p);
     grad[n * out_g.batch_stride + c * out_g.channel_stride + j * out_g.position_stride] = static_cast<scalar_t>(value);
   }
 }
@@ -136,7 +159,7 @@ at::Tensor attention_map_backward_cuda(const at::Tensor& feature_in, const at::T
       with_flag(channels_inner, [&](auto layout) {
         attention_map_backward_kernel<scalar_t, decltype(kind)::value, decltype(layout)::value>
             <<<grid_of((rows + kChannelGroups - 1) / kChannelGroups), dim3(kPositionLanes, kChannelGroups), 0,
-               stream>>>(feature.const_data_ptr<scalar_t>(), g, out_g, grad_map.const_data_ptr<acc_t>(),
+               stream>>>(feature.const_data_ptr<scalar_t>(), g, out_g, grad_map.const_data_ptr<double>(),
                          static_cast<acc_t>(p), grad.mutable_data_ptr<scalar_t>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });

@@ -4,14 +4,18 @@
 // ofdkern/kernels/attention_transfer_triton.py take the same):
 //   attention_map(Tensor feature, float p) -> Tensor
 //       feature: (N, C, S) with any strides (the caller merges the spatial dims into S), p > 0.
-//       Returns a = mean_c(feature^p) as a contiguous (N, S) tensor in the accumulation dtype.
+//       Returns a = mean_c(feature^p) as a contiguous (N, S) float64 tensor, whatever the feature's dtype: the
+//       loss normalizes the difference of two maps, which are close when a student learns its teacher, and
+//       magnifies their rounding in the gradient; float32 maps (even rounded once) left the float32 gradient
+//       less accurate than eager's. The kernels sum the channels in the accumulation dtype in leaves of a few
+//       channels and add the leaves in float64.
 //   attention_map_backward(Tensor feature, Tensor grad_map, float p) -> Tensor
-//       grad_map: contiguous (N, S) in the accumulation dtype. Returns d<grad_map, a>/d feature with
-//       feature's sizes, strides and dtype (feature must be non-overlapping and dense).
+//       grad_map: contiguous (N, S) float64. Returns d<grad_map, a>/d feature with feature's sizes, strides and
+//       dtype (feature must be non-overlapping and dense).
 //   attention_transfer_maps(Tensor map_student, Tensor map_teacher, bool grad_student, bool grad_teacher)
 //       -> (Tensor row_loss, Tensor grad_map_student, Tensor grad_map_teacher)
 //       map_student, map_teacher: contiguous (N, S) maps of one dtype, float32 or float64 (attention_map's
-//       outputs). row_loss: (N,) per sample sum_j (u_s,j - u_t,j)^2 with u = map / max(|map|, 1e-12) (the
+//       outputs are float64). row_loss: (N,) per sample sum_j (u_s,j - u_t,j)^2 with u = map / max(|map|, 1e-12) (the
 //       norm over j; F.normalize). The gradients are those of sum(row_loss) wrt the maps, or empty when not
 //       asked.
 //   attention_transfer_forward(Tensor student, Tensor teacher, float p, int count)
@@ -27,7 +31,6 @@
 #include <cmath>
 #include <tuple>
 
-#include "accumulation.h"
 #include "empty_like.h"
 
 namespace ofdkern {
@@ -67,8 +70,7 @@ inline at::Tensor attention_walkable(const at::Tensor& feature) {
 
 inline at::Tensor allocate_attention_map(const at::Tensor& feature, double p) {
   check_attention_feature(feature, p, "attention_map");
-  return at::empty({feature.size(0), feature.size(2)},
-                   feature.options().dtype(accumulation_dtype(feature.scalar_type())));
+  return at::empty({feature.size(0), feature.size(2)}, feature.options().dtype(at::kDouble));
 }
 
 inline at::Tensor allocate_attention_feature_grad(const at::Tensor& feature, const at::Tensor& grad_map, double p,
@@ -76,12 +78,11 @@ inline at::Tensor allocate_attention_feature_grad(const at::Tensor& feature, con
   check_attention_feature(feature, p, "attention_map_backward");
   TORCH_CHECK_VALUE(feature.is_non_overlapping_and_dense(),
                     "attention_map_backward: feature must be non-overlapping and dense");
-  const auto acc = accumulation_dtype(feature.scalar_type());
   TORCH_CHECK_VALUE(grad_map.dim() == 2 && grad_map.size(0) == feature.size(0) &&
                         grad_map.size(1) == feature.size(2) && grad_map.is_contiguous() &&
-                        grad_map.scalar_type() == acc,
+                        grad_map.scalar_type() == at::kDouble,
                     "attention_map_backward: grad_map must be a contiguous (", feature.size(0), ", ",
-                    feature.size(2), ") tensor of dtype ", acc, ", got shape ", grad_map.sizes(), " dtype ",
+                    feature.size(2), ") float64 tensor, got shape ", grad_map.sizes(), " dtype ",
                     grad_map.scalar_type());
   TORCH_CHECK_VALUE(feature.device() == grad_map.device(),
                     "attention_map_backward: feature and grad_map must be on one device");

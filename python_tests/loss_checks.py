@@ -63,3 +63,25 @@ def needs_gpu(backend):
     if backend not in GPU_BACKENDS or "cuda" not in STATUS[backend]["devices"]:
         pytest.skip(f"needs a CUDA device and the {backend} kernels")
 
+
+def attention_gradient_errors(fused, channels, channels_last, device="cpu", batch=2, side=7):
+    """The student gradient's norm-wise error against float64 of ``fused`` (an attention-transfer loss of
+    float32 features) and of the eager reference, on features of many channels whose teacher is close to the
+    student (as FRSKD's refined features are): the loss normalizes the maps' difference, which magnifies the
+    rounding of the maps' channel sums in the gradient."""
+    from ofdkern import reference
+
+    gen = torch.Generator().manual_seed(11)
+    shape = (batch, channels, side, side)
+    student = torch.randn(shape, generator=gen, dtype=torch.float64)
+    teacher = student + 0.05 * torch.randn(shape, generator=gen, dtype=torch.float64)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    exact = student.clone().requires_grad_()
+    (want,) = torch.autograd.grad(reference.attention_transfer_loss(exact, teacher), exact)
+
+    def error(loss_fn):
+        leaf = student.to(device, torch.float32, memory_format=layout).requires_grad_()
+        (grad,) = torch.autograd.grad(loss_fn(leaf, teacher.to(device, torch.float32, memory_format=layout)), leaf)
+        return ((grad.double().cpu() - want).norm() / want.norm()).item()
+
+    return error(fused), error(reference.attention_transfer_loss)

@@ -22,6 +22,7 @@ from ofdkern.ops import align, attention_transfer, kd, ofd
 import cuda_on_cpu
 import op_cases
 from conftest import STATUS
+from loss_checks import attention_gradient_errors
 from op_cases import ALIGN, ALIGN_OFD, ATTENTION, CASES, FLOAT_DTYPES, KD, OFD
 from parity import assert_parity
 
@@ -144,6 +145,13 @@ def test_attention_maps_past_a_warp_of_positions_and_channels(cuda_kernels):
             assert_parity(lambda s, t: ofdkern.attention_transfer_loss(s, t, p=p, backend="cpu"),
                           lambda s, t: ofdkern.attention_transfer_loss(s, t, p=p, backend="reference"),
                           [student, teacher.abs()], names=ATTENTION.names)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_attention_gradients_at_many_channels_are_as_accurate_as_eager(cuda_kernels, channels_last):
+    ours, eager = attention_gradient_errors(lambda s, t: ofdkern.attention_transfer_loss(s, t, backend="cpu"),
+                                            1024, channels_last)
+    assert ours <= eager, (ours, eager)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)

@@ -152,7 +152,6 @@ def _align():
 
 def _attention():
     for dtype in DTYPES:
-        acc = accumulation_dtype(dtype)
         for channels_last in (False, True):
             for p in (2.0, 3.0, 2.5):
                 s = as_positions(_randn((2, 4, 6, 7), dtype, channels_last))
@@ -160,8 +159,8 @@ def _attention():
                 yield f"attention {dtype} channels_last={channels_last} p={p}", (
                     lambda s=s, t=t, p=p: attention_transfer_triton.attention_transfer_forward(s, t, p, 84))
                 yield f"attention backward {dtype} channels_last={channels_last} p={p}", (
-                    lambda s=s, p=p, acc=acc: attention_transfer_triton.attention_map_backward(
-                        s, torch.randn(2, 42, dtype=acc), p))
+                    lambda s=s, p=p: attention_transfer_triton.attention_map_backward(
+                        s, torch.randn(2, 42, dtype=torch.float64), p))
     # Grids of large maps (meta tensors: launches are only checked, not compiled).
     for shape, channels_last in (((2, 64, 1024, 1024), True), ((1, 8, 4096, 4096), False),
                                  ((2, 16, 64, 128, 128), True)):
@@ -170,7 +169,7 @@ def _attention():
             lambda big=big: attention_transfer_triton.attention_transfer_forward(big, big, 2.0, 1))
         yield f"attention backward grid {shape} channels_last={channels_last}", (
             lambda big=big: attention_transfer_triton.attention_map_backward(
-                big, torch.empty(big.shape[0], big.shape[2], device="meta"), 2.0))
+                big, torch.empty(big.shape[0], big.shape[2], dtype=torch.float64, device="meta"), 2.0))
 
 
 def _kd():

@@ -2,8 +2,8 @@
 (same arguments and outputs as torch.ops.ofdkern.attention_map / attention_map_backward /
 attention_transfer_maps / attention_transfer_forward), and the math of csrc/attention_transfer_math.h.
 
-Loads are cast to the accumulation dtype (float32, float64 for float64 inputs); every output element is
-written by one program and every sum runs in an order fixed by the shapes (no atomics).
+Loads are cast to the accumulation dtype (float32, float64 for float64 inputs) and the maps are float64;
+every output element is written by one program and every sum runs in an order fixed by the shapes (no atomics).
 """
 from __future__ import annotations
 
@@ -20,6 +20,9 @@ _MAX_MULTIPLIED_EXPONENT = 8
 # F.normalize's eps.
 _NORMALIZE_EPS = 1e-12
 _MAPS_BLOCK = 1024
+# Channel blocks a map kernel sums in order in the accumulation dtype before adding them to its float64 sums.
+_CHANNEL_LEAF = tl.constexpr(8)
+_ACCUMULATION = {torch.float32: tl.float32, torch.float64: tl.float64}
 
 
 @triton.jit
@@ -90,37 +93,40 @@ def _position_block(positions, BLOCK_P: tl.constexpr):
 
 @triton.jit
 def _attention_map_kernel(f_ptr, out_ptr, channels, positions, stride_n, stride_c, stride_s, p,
-                          BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, P_SMALL: tl.constexpr,
+                          BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr, P_SMALL: tl.constexpr,
                           P_INTEGRAL: tl.constexpr, P_ODD: tl.constexpr):
     n, j = _position_block(positions, BLOCK_P)
     lanes = tl.arange(0, BLOCK_C)
-    acc_ty = out_ptr.dtype.element_ty
-    sums = tl.zeros([BLOCK_P, BLOCK_C], acc_ty)
+    sums = tl.zeros([BLOCK_P, BLOCK_C], tl.float64)
     base = f_ptr + n * stride_n + j[:, None] * stride_s
-    for c0 in range(0, channels, BLOCK_C):
-        c = c0 + lanes
-        mask = (j[:, None] < positions) & (c[None, :] < channels)
-        x = tl.load(base + c[None, :].to(tl.int64) * stride_c, mask=mask, other=0).to(acc_ty)
-        sums += tl.where(mask, _pow(x, p, P_SMALL, P_INTEGRAL, P_ODD), 0.0)
+    # Each lane sums a leaf of _CHANNEL_LEAF channel blocks in order in the accumulation dtype, then adds it to
+    # its float64 total (the maps' dtype: csrc/attention_transfer_fused.h).
+    for leaf_c0 in range(0, channels, BLOCK_C * _CHANNEL_LEAF):
+        leaf = tl.zeros([BLOCK_P, BLOCK_C], ACC)
+        for c0 in range(leaf_c0, tl.minimum(channels, leaf_c0 + BLOCK_C * _CHANNEL_LEAF), BLOCK_C):
+            c = c0 + lanes
+            mask = (j[:, None] < positions) & (c[None, :] < channels)
+            x = tl.load(base + c[None, :].to(tl.int64) * stride_c, mask=mask, other=0).to(ACC)
+            leaf += tl.where(mask, _pow(x, p, P_SMALL, P_INTEGRAL, P_ODD), 0.0)
+        sums += leaf.to(tl.float64)
     tl.store(out_ptr + n * positions + j, tl.sum(sums, axis=1) / channels, mask=j < positions)
 
 
 @triton.jit
 def _attention_map_backward_kernel(f_ptr, g_ptr, out_ptr, channels, positions, stride_n, stride_c, stride_s,
                                    out_stride_n, out_stride_c, out_stride_s, p, BLOCK_P: tl.constexpr,
-                                   BLOCK_C: tl.constexpr, P_SMALL: tl.constexpr, P_INTEGRAL: tl.constexpr,
-                                   P_ODD: tl.constexpr):
+                                   BLOCK_C: tl.constexpr, ACC: tl.constexpr, P_SMALL: tl.constexpr,
+                                   P_INTEGRAL: tl.constexpr, P_ODD: tl.constexpr):
     n, j = _position_block(positions, BLOCK_P)
     lanes = tl.arange(0, BLOCK_C)
-    acc_ty = g_ptr.dtype.element_ty
-    # The mean's backward (g / C), then the power's, as autograd applies them.
-    grad_mean = tl.load(g_ptr + n * positions + j, mask=j < positions, other=0) / channels
+    # The mean's backward (g / C, in float64 rounded once to ACC), then the power's, as autograd applies them.
+    grad_mean = (tl.load(g_ptr + n * positions + j, mask=j < positions, other=0) / channels).to(ACC)
     base = n * stride_n + j[:, None] * stride_s
     out_base = n * out_stride_n + j[:, None] * out_stride_s
     for c0 in range(0, channels, BLOCK_C):
         c = (c0 + lanes).to(tl.int64)
         mask = (j[:, None] < positions) & (c[None, :] < channels)
-        x = tl.load(f_ptr + base + c[None, :] * stride_c, mask=mask, other=0).to(acc_ty)
+        x = tl.load(f_ptr + base + c[None, :] * stride_c, mask=mask, other=0).to(ACC)
         grad = grad_mean[:, None] * _pow_grad(x, p, P_SMALL, P_INTEGRAL, P_ODD)
         tl.store(out_ptr + out_base + c[None, :] * out_stride_c, grad.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -128,23 +134,22 @@ def _attention_map_backward_kernel(f_ptr, g_ptr, out_ptr, channels, positions, s
 def attention_map(feature: torch.Tensor, p: float) -> torch.Tensor:
     _check_feature(feature, p, "attention_map")
     batch, channels, positions = feature.shape
-    out = feature.new_empty((batch, positions), dtype=accumulation_dtype(feature.dtype))
+    out = feature.new_empty((batch, positions), dtype=torch.float64)
     if out.numel() == 0:
         return out
     block_p, block_c, warps = _tile_shape(feature)
     launch(_attention_map_kernel, _position_blocks(batch, positions, block_p), feature, out, channels, positions,
-           *feature.stride(), float(p), device=feature.device, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=warps,
-           **_exponent_args(p))
+           *feature.stride(), float(p), device=feature.device, BLOCK_P=block_p, BLOCK_C=block_c,
+           ACC=_ACCUMULATION[accumulation_dtype(feature.dtype)], num_warps=warps, **_exponent_args(p))
     return out
 
 
 def attention_map_backward(feature: torch.Tensor, grad_map: torch.Tensor, p: float) -> torch.Tensor:
     _check_feature(feature, p, "attention_map_backward")
     batch, channels, positions = feature.shape
-    acc = accumulation_dtype(feature.dtype)
-    if grad_map.shape != (batch, positions) or grad_map.dtype != acc or not grad_map.is_contiguous():
-        raise ValueError(f"attention_map_backward: grad_map must be a contiguous ({batch}, {positions}) tensor "
-                         f"of dtype {acc}, got {grad_map.dtype} {tuple(grad_map.shape)}")
+    if grad_map.shape != (batch, positions) or grad_map.dtype != torch.float64 or not grad_map.is_contiguous():
+        raise ValueError(f"attention_map_backward: grad_map must be a contiguous ({batch}, {positions}) float64 "
+                         f"tensor, got {grad_map.dtype} {tuple(grad_map.shape)}")
     check_dense("attention_map_backward", "feature", feature)  # the gradient takes its strides
     out = torch.empty_like(feature)
     if out.numel() == 0:
@@ -152,7 +157,8 @@ def attention_map_backward(feature: torch.Tensor, grad_map: torch.Tensor, p: flo
     block_p, block_c, warps = _tile_shape(feature)
     launch(_attention_map_backward_kernel, _position_blocks(batch, positions, block_p), feature, grad_map, out,
            channels, positions, *feature.stride(), *out.stride(), float(p), device=feature.device,
-           BLOCK_P=block_p, BLOCK_C=block_c, num_warps=warps, **_exponent_args(p))
+           BLOCK_P=block_p, BLOCK_C=block_c, ACC=_ACCUMULATION[accumulation_dtype(feature.dtype)], num_warps=warps,
+           **_exponent_args(p))
     return out
 
 

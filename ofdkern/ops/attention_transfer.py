@@ -15,7 +15,7 @@ import torch
 
 from .. import reference
 from .._backends import Backend, register_op, resolve
-from .._dtypes import accumulation_dtype, result_dtype
+from .._dtypes import result_dtype
 from .._layout import as_positions
 from .._validation import check_attention_transfer_args
 from ._autograd import backward_scale, fused_op, input_gradient, setup_scaled_backward, tracing
@@ -55,7 +55,7 @@ def attention_transfer_fused(f_student: torch.Tensor, f_teacher: torch.Tensor, p
                              backend: str, in_place_backward: bool
                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (loss, d loss/d student map, d loss/d teacher map); the map gradients are for a unit upstream
-    gradient without the reduction's scaling, as (N, positions) tensors in the accumulation dtypes."""
+    gradient without the reduction's scaling, as (N, positions) float64 tensors (the maps' dtype)."""
     count = reduction_count(_map_shape(f_student), reduction)
     with autocast_off(f_student.device):
         return _kernels(backend).attention_transfer_forward(as_positions(f_student), as_positions(f_teacher), p,
@@ -65,7 +65,7 @@ def attention_transfer_fused(f_student: torch.Tensor, f_teacher: torch.Tensor, p
 @attention_transfer_fused.register_fake
 def _(f_student, f_teacher, p, reduction, backend, in_place_backward):
     def map_like(feature):
-        return feature.new_empty(_map_shape(feature), dtype=accumulation_dtype(feature.dtype))
+        return feature.new_empty(_map_shape(feature), dtype=torch.float64)
 
     loss = f_student.new_empty((), dtype=result_dtype(f_student, f_teacher))
     return loss, map_like(f_student), map_like(f_teacher)
@@ -134,7 +134,8 @@ def attention_transfer_loss(f_student: torch.Tensor, f_teacher: torch.Tensor, *,
         backend: "auto", "triton", "cuda", "cpu" or "reference" (see ``ofdkern.backend_status()``).
 
     Returns:
-        The loss in the promoted feature dtype, accumulated in float32 (float64 for float64 features).
+        The loss in the promoted feature dtype; the maps are accumulated in float64 (see
+        csrc/attention_transfer_fused.h), the feature math in float32 (float64 for float64 features).
         Gradients flow to both features when they require them (detach the teacher as the reference does).
     """
     p = check_attention_transfer_args(f_student, f_teacher, p, reduction)
