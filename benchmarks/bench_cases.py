@@ -207,6 +207,7 @@ PUBLIC_OP = {
     "channel_align": "channel_align_loss",
     "attention_transfer": "attention_transfer_loss",
     "kd": "kd_loss",
+    "cwd": "cwd_loss",
     "distill_step": "ofd_loss",
 }
 

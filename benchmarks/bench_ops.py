@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import bench_op_attention_transfer
 import bench_op_channel_align
+import bench_op_cwd
 import bench_op_distill
 import bench_op_kd
 import bench_op_ofd
@@ -13,6 +14,7 @@ OPS: dict[str, OpBench] = {op.name: op for op in (
     bench_op_channel_align.OP,
     bench_op_attention_transfer.OP,
     bench_op_kd.OP,
+    bench_op_cwd.OP,
     bench_op_distill.OP,
 )}
 

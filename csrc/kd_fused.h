@@ -6,6 +6,7 @@
 //       student, teacher: contiguous (N, K) logits of one dtype. row_loss: (N,) KL * T^2 per row in the
 //       accumulation dtype (0 for K = 0). The gradients are those of sum(row_loss), like the logits, or
 //       empty when not asked.
+// Channel-wise distillation (ofdkern.cwd_loss) calls it on the (N * C, positions) rows of NCHW maps.
 #pragma once
 
 #include <ATen/ATen.h>

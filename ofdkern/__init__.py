@@ -5,7 +5,7 @@ from .distill import OFDDistiller, Tap, find_taps
 from .frskd import FRSKDLoss, SelfTeacher
 from .margins import DataMarginEstimator, margin_from_bn
 from .modules import ChannelAlign, Connector, OFDLoss
-from .ops import attention_transfer_loss, channel_align_loss, kd_loss, ofd_loss, set_cpu_bfloat16_gemms
+from .ops import attention_transfer_loss, channel_align_loss, cwd_loss, kd_loss, ofd_loss, set_cpu_bfloat16_gemms
 
 __version__ = "0.1.0"
 
@@ -23,6 +23,7 @@ __all__ = [
     "attention_transfer_loss",
     "backend_status",
     "channel_align_loss",
+    "cwd_loss",
     "cpu_buffer_cache_bytes",
     "empty_cpu_buffer_cache",
     "find_taps",

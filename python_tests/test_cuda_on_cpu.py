@@ -23,7 +23,7 @@ import cuda_on_cpu
 import op_cases
 from conftest import STATUS
 from loss_checks import attention_gradient_errors
-from op_cases import ALIGN, ALIGN_OFD, ATTENTION, CASES, FLOAT_DTYPES, KD, OFD
+from op_cases import ALIGN, ALIGN_OFD, ATTENTION, CASES, CWD, FLOAT_DTYPES, KD, OFD
 from parity import assert_parity
 
 pytestmark = pytest.mark.skipif(not STATUS["cpu"]["built"],
@@ -80,7 +80,7 @@ def test_nan_and_inf_follow_the_reference(cuda_kernels, case, dtype, layout):
     assert_parity(case.fused("cpu"), case.reference, case.plant_special(case.make("cpu", dtype)), names=case.names)
 
 
-@pytest.mark.parametrize("case,dtype,layout", _params(cases=(OFD, ALIGN, ATTENTION)))
+@pytest.mark.parametrize("case,dtype,layout", _params(cases=(OFD, ALIGN, ATTENTION, CWD)))
 def test_feature_ranks_and_5d_channels_last(cuda_kernels, case, dtype, layout):
     for spatial, layout in (((), "contiguous"), ((5,), "contiguous"), ((2, 3, 2), "channels_last")):
         inputs = case.make("cpu", torch.float64, spatial=spatial, layout=layout)

@@ -181,6 +181,9 @@ def _kd():
                     lambda s=s, t=t, g=grads: kd_triton.kd_fused(s, t, 4.0, *g))
     big = torch.empty(4096, 128256, dtype=torch.bfloat16, device="meta")
     yield "kd grid 4096x128256", lambda: kd_triton.kd_fused(big, big, 4.0, True, True)
+    # cwd_loss's rows: the (N * C, positions) maps of an FPN level (4 chunks per row, 512 rows).
+    maps = torch.empty(2 * 256, 100 * 152, dtype=torch.bfloat16, device="meta")
+    yield "cwd rows 512x15200", lambda: kd_triton.kd_fused(maps, maps, 1.0, True, False)
 
 
 def run(targets: dict) -> dict:

@@ -1,5 +1,6 @@
 """Soft-label KD (Hinton et al.; FRSKD's logit loss) as a torch.library custom op: one kernel per row computes
 the loss with an online max/sum and writes the logit gradients in the same call, so backward only scales them.
+Channel-wise distillation (cwd.py) runs the same kernels on the rows of its maps.
 """
 from __future__ import annotations
 
