@@ -207,6 +207,7 @@ PUBLIC_OP = {
     "channel_align": "channel_align_loss",
     "attention_transfer": "attention_transfer_loss",
     "kd": "kd_loss",
+    "cwd": "cwd_loss",
     "distill_step": "ofd_loss",
 }
 
@@ -317,3 +318,24 @@ def randn(shape: tuple[int, ...], case: Case, generator: torch.Generator, device
     """Standard-normal values (times ``scale``) in the case's dtype."""
     values = torch.randn(shape, generator=generator, device=device, dtype=case.torch_dtype)
     return values.mul_(scale) if scale != 1.0 else values
+
+
+# ---- plans and inputs of two-tensor losses ----------------------------------------------------------------
+
+def pair_inputs(case: Case, device: str, seed: int = 0) -> LossInputs:
+    """randn student (requires grad) and teacher (detached) of the case's shape."""
+    generator = seeded_generator(device, seed)
+    student = randn(case.shape, case, generator, device).requires_grad_()
+    teacher = randn(case.shape, case, generator, device)
+    return LossInputs(args=(student, teacher), grad_inputs=(student,))
+
+
+def dtype_plan(name: str, groups: dict[str, list[tuple[str, tuple[int, ...]]]], quick_picks, device: str,
+               quick: bool) -> list[Case]:
+    """Every shape of ``groups`` in fp32 and bf16 (fp16 too on GPU); quick: ``quick_picks[device]``, a list of
+    (group, index, dtype)."""
+    if quick:
+        return [Case(name, group, *groups[group][index], dtype) for group, index, dtype in quick_picks[device]]
+    dtypes = ("fp32", "bf16", "fp16") if device == "cuda" else ("fp32", "bf16")
+    return [Case(name, group, label, shape, dtype)
+            for group, entries in groups.items() for label, shape in entries for dtype in dtypes]

@@ -1,17 +1,20 @@
 """The ops of the benchmark suite, by name. A new op is one more bench_op_<op>.py declaring an OpBench, listed here."""
 from __future__ import annotations
 
+import bench_op_attention_transfer
 import bench_op_channel_align
+import bench_op_cwd
 import bench_op_distill
-import bench_op_frskd
+import bench_op_kd
 import bench_op_ofd
 from bench_cases import OpBench
 
 OPS: dict[str, OpBench] = {op.name: op for op in (
     bench_op_ofd.OP,
     bench_op_channel_align.OP,
-    bench_op_frskd.ATTENTION_TRANSFER,
-    bench_op_frskd.KD_LOSS,
+    bench_op_attention_transfer.OP,
+    bench_op_kd.OP,
+    bench_op_cwd.OP,
     bench_op_distill.OP,
 )}
 

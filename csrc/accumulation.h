@@ -1,5 +1,5 @@
 // The type every kernel computes and accumulates in, and the host/device qualifier of the per-element math
-// headers (ofd_math.h, align_math.h, frskd_math.h) that the CPU and CUDA kernels share.
+// headers (<op>_math.h) that the CPU and CUDA kernels share.
 #pragma once
 
 #include <c10/core/ScalarType.h>

@@ -1,5 +1,5 @@
 // The vectorized CPU kernels are compiled once per instruction set: cpu_isa_default.cpp, cpu_isa_avx2.cpp and
-// cpu_isa_avx512.cpp each include every op's kernel header (frskd_cpu_kernels.h, align_cpu_kernels.h) under
+// cpu_isa_avx512.cpp each include every op's kernel header (<op>_cpu_kernels.h) under
 // their own CPU_CAPABILITY namespace and at::vec vector width (Sleef's functions of that width), and each
 // defines the op's kernel table there. An op declares its table type and picks the variant torch itself runs
 // on here (at::get_cpu_capability, which honours ATEN_CPU_CAPABILITY) with OFDKERN_CPU_KERNEL_TABLE.

@@ -7,6 +7,8 @@
 #include "cpu_isa_prelude.h"
 #pragma GCC target("avx2,fma,f16c")
 #include "cpu_isa_sleef.h"
-#include "frskd_cpu_kernels.h"
+#include "attention_transfer_cpu_kernels.h"
+#include "kd_cpu_kernels.h"
 #include "align_cpu_kernels.h"
+#include "ofd_cpu_kernels.h"
 #endif

@@ -8,6 +8,8 @@
 #include "cpu_isa_prelude.h"
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
 #include "cpu_isa_sleef.h"
-#include "frskd_cpu_kernels.h"
+#include "attention_transfer_cpu_kernels.h"
+#include "kd_cpu_kernels.h"
 #include "align_cpu_kernels.h"
+#include "ofd_cpu_kernels.h"
 #endif

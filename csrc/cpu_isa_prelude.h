@@ -1,5 +1,5 @@
 // Included first by each cpu_isa_<isa>.cpp, before its #pragma GCC target: every header outside at::vec that
-// the kernels (frskd_cpu_kernels.h, align_cpu_kernels.h) and at::vec pull in. Code is compiled for the
+// the kernels (<op>_cpu_kernels.h) and at::vec pull in. Code is compiled for the
 // instruction set in force where it is defined, so these headers' inline functions, which other translation
 // units define too, stay baseline code; only at::vec (in its per-capability namespace) and ofdkern's kernels
 // (in per-capability or internal namespaces) are compiled for the wider instruction set.
@@ -26,8 +26,16 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
+
 #include "accumulation.h"
 #include "align_cpu.h"
 #include "align_fused.h"
-#include "frskd_cpu.h"
-#include "frskd_fused.h"
+#include "attention_transfer_cpu.h"
+#include "attention_transfer_fused.h"
+#include "kd_cpu.h"
+#include "kd_fused.h"
+#include "ofd_cpu.h"
+#include "ofd_fused.h"

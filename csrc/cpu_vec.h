@@ -1,6 +1,6 @@
 // Vector helpers of the per-instruction-set CPU kernels (cpu_isa.h) on at::vec vectors of CPU_CAPABILITY:
 // partial loads, lane sums, and half-precision blocks widened to (and narrowed from) the accumulation type.
-// Included by the kernel headers (frskd_cpu_kernels.h, align_cpu_kernels.h) after cpu_isa_prelude.h.
+// Included by the kernel headers (<op>_cpu_kernels.h) after cpu_isa_prelude.h.
 #pragma once
 
 // at::vec's headers carry pragmas for other compilers and return vectors from functions compiled for narrower

@@ -1,5 +1,5 @@
 // The root of the `ofdkern` operator library and the Python module `ofdkern._C` that loads it. Each op adds
-// its own schemas with TORCH_LIBRARY_FRAGMENT (ofd_op.cpp, frskd_op.cpp, ...) and its kernels per dispatch
+// its own schemas with TORCH_LIBRARY_FRAGMENT (<op>_op.cpp) and its kernels per dispatch
 // key; autograd and the fake kernels live in Python (ofdkern/ops/).
 #include <Python.h>
 #include <torch/library.h>

@@ -1,4 +1,4 @@
-// The math policies of the per-element math headers (ofd_math.h, align_math.h, frskd_math.h). Each of their
+// The math policies of the per-element math headers (<op>_math.h). Each of their
 // functions is written once for a policy M: it computes on M::value, which is M::scalar in the CUDA kernels and
 // in scalar CPU code (ScalarMath, below) and an at::vec vector of it in the vectorized CPU kernels (VecMath,
 // cpu_vec.h), and calls M::abs / pow / max / select; comparisons of values give select's mask.

@@ -23,6 +23,7 @@
 #include <type_traits>
 
 #include "accumulation.h"
+#include "empty_like.h"
 
 namespace ofdkern {
 
@@ -32,12 +33,6 @@ using FusedOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 // guard direct calls of the op) and allocates the outputs. partial_count is the length of the
 // partial-sum vector when the loss is reduced.
 // empty_like allocates the feature-sized outputs (the CPU kernel passes its huge-page allocator).
-using EmptyLike = at::Tensor (*)(const at::Tensor& like, at::TensorOptions options);
-
-inline at::Tensor default_empty_like(const at::Tensor& like, at::TensorOptions options) {
-  return at::empty_like(like, options);
-}
-
 inline FusedOutputs allocate_fused_outputs(const at::Tensor& student, const at::Tensor& teacher,
                                            const at::Tensor& margin, bool elementwise,
                                            bool grad_student, bool grad_teacher, bool grad_margin,

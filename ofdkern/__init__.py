@@ -5,7 +5,7 @@ from .distill import ChannelAlignDistiller, FRSKDDistiller, OFDDistiller
 from .frskd import FRSKDLoss, SelfTeacher
 from .margins import DataMarginEstimator, margin_from_bn
 from .modules import ChannelAlign, Connector, OFDLoss
-from .ops import attention_transfer_loss, channel_align_loss, kd_loss, ofd_loss, set_cpu_bfloat16_gemms
+from .ops import attention_transfer_loss, channel_align_loss, cwd_loss, kd_loss, ofd_loss, set_cpu_bfloat16_gemms
 from .taps import BlockTap, Tap, find_stages, find_taps
 
 __version__ = "0.1.0"
@@ -28,6 +28,7 @@ __all__ = [
     "backend_status",
     "channel_align_loss",
     "cpu_buffer_cache_bytes",
+    "cwd_loss",
     "empty_cpu_buffer_cache",
     "find_stages",
     "find_taps",

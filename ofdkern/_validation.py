@@ -124,6 +124,15 @@ def check_kd_args(student_logits, teacher_logits, temperature, reduction) -> flo
     return temperature
 
 
+def check_cwd_args(student, teacher, temperature, reduction) -> float:
+    """(N, C, ...) maps of 2 to 5 dims and one shape, a positive temperature (returned as a float)."""
+    check_pair(("student", "teacher"), student, teacher, min_dim=2, max_dim=5)
+    temperature = check_positive_number("temperature", temperature)
+    check_same_device(student=student, teacher=teacher)
+    check_reduction(reduction)
+    return temperature
+
+
 def check_pointwise_weight(name: str, weight, out_channels: int | None, in_channels: int) -> int:
     """An (out, in) matrix or an (out, in, 1, ...) 1x1-conv weight; returns out (checked when given)."""
     check_tensor(name, weight, min_dim=2, max_dim=5)

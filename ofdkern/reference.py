@@ -6,6 +6,8 @@ reference's own; it only adds the margin reshape and the reductions of ``ofdkern
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -62,6 +64,21 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     if reduction == "mean":  # F.kl_div's "mean": over every element
         return per_class.sum() / per_class.numel()
     return reduce_loss(per_class.sum(dim=1), reduction)
+
+
+# Channel-wise distillation (Shu et al., ICCV 2021; mmrazor's ChannelWiseDivergence).
+
+def cwd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0,
+             reduction: str = "mean") -> torch.Tensor:
+    """Per sample n and channel c, ``T^2 * KL(softmax(t[n, c] / T) || softmax(s[n, c] / T))`` over the positions
+    of that channel's map: soft-label KD whose rows are the (N * C) maps. mmrazor writes the KL as
+    ``sum(p_t * log_softmax(t / T) - p_t * log_softmax(s / T))``, the same value where p_t > 0; where p_t is 0
+    this (F.kl_div's xlogy) adds 0 instead of mmrazor's 0 * log 0 = NaN. "mean" divides the sum by N * C
+    (mmrazor's normalization), "batchmean" by N; "none" gives the (N, C) terms."""
+    batch, channels, positions = student.shape[0], student.shape[1], math.prod(student.shape[2:])
+    rows = kd_loss(student.reshape(batch * channels, positions), teacher.reshape(batch * channels, positions),
+                   temperature, "none").view(batch, channels)
+    return reduce_loss(rows, reduction)
 
 
 # Channel-wise transformation (Liu et al., ICCVW 2023; no official code): a per-pixel MLP on the student

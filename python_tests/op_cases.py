@@ -15,7 +15,9 @@ import torch
 import ofdkern
 from ofdkern import reference
 from ofdkern.ops.align import channel_align_fused
-from ofdkern.ops.frskd import attention_transfer_fused, kd_loss_fused
+from ofdkern.ops.attention_transfer import attention_transfer_fused
+from ofdkern.ops.cwd import cwd_loss_fused
+from ofdkern.ops.kd import kd_loss_fused
 from ofdkern.ops.ofd import ofd_loss_fused
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -190,4 +192,33 @@ KD = OpCase(
     reductions=("batchmean", "sum", "mean", "none"),
 )
 
-CASES = (OFD, ALIGN, ALIGN_OFD, ATTENTION, KD)
+
+# ---- channel-wise distillation --------------------------------------------------------------------------------
+
+def _make_cwd(device, dtype, seed=0, spatial=(3, 5), layout="contiguous", batch=2, channels=3):
+    g = torch.Generator().manual_seed(seed)
+    student = _layout(_randn((batch, channels, *spatial), dtype, device, g, 2.0), layout).requires_grad_()
+    teacher = _layout(_randn((batch, channels, *spatial), dtype, device, g, 2.0), layout)
+    return [student, teacher]
+
+
+def _plant_cwd(inputs):
+    student, teacher = (x.detach().clone() for x in inputs)
+    student[0, 0, 0, 1] = math.nan  # a NaN map
+    student[0, 1, 1, 2] = math.inf  # softmax of +inf: NaN
+    student[1, 0, 2, 0] = -math.inf  # log p_s = -inf where p_t > 0: an infinite term
+    teacher[1, 1, 0, 3] = -math.inf  # p_t = 0 there: that position adds nothing
+    return [student.requires_grad_(), teacher]
+
+
+CWD = OpCase(
+    "cwd", "cwd_loss", ("student", "teacher"), _make_cwd,
+    fused=lambda backend, reduction="mean": (
+        lambda s, t: ofdkern.cwd_loss(s, t, temperature=2.0, reduction=reduction, backend=backend)),
+    reference=lambda s, t, reduction="mean": reference.cwd_loss(s, t, 2.0, reduction),
+    opcheck=lambda inputs, backend: (cwd_loss_fused, (*inputs, 2.0, "mean", backend, True, True, False)),
+    plant_special=_plant_cwd,
+    reductions=("mean", "sum", "batchmean", "none"),
+)
+
+CASES = (OFD, ALIGN, ALIGN_OFD, ATTENTION, KD, CWD)

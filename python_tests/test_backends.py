@@ -12,7 +12,7 @@ from ofdkern._backends import Backend, Op, resolve
 
 from conftest import STATUS
 
-PUBLIC_OPS = ["attention_transfer_loss", "channel_align_loss", "kd_loss", "ofd_loss"]
+PUBLIC_OPS = ["attention_transfer_loss", "channel_align_loss", "cwd_loss", "kd_loss", "ofd_loss"]
 CPU = torch.device("cpu")
 
 

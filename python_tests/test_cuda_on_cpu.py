@@ -17,12 +17,13 @@ import torch
 
 import ofdkern
 from ofdkern._dtypes import accumulation_dtype
-from ofdkern.ops import align, frskd, ofd
+from ofdkern.ops import align, attention_transfer, kd, ofd
 
 import cuda_on_cpu
 import op_cases
 from conftest import STATUS
-from op_cases import ALIGN, ALIGN_OFD, ATTENTION, CASES, FLOAT_DTYPES, KD, OFD
+from loss_checks import attention_gradient_errors
+from op_cases import ALIGN, ALIGN_OFD, ATTENTION, CASES, CWD, FLOAT_DTYPES, KD, OFD
 from parity import assert_parity
 
 pytestmark = pytest.mark.skipif(not STATUS["cpu"]["built"],
@@ -38,7 +39,8 @@ def emulated():
 def cuda_kernels(emulated, monkeypatch):
     """``backend="cpu"`` runs the emulated CUDA kernels (the backends' kernel lookups, patched)."""
     def attention_transfer_forward(student, teacher, p, count):
-        # csrc/frskd_op.cpp's composite on the emulated kernels. (frskd_triton has its Python twin, but Triton's
+        # csrc/attention_transfer_op.cpp's composite on the emulated kernels. (attention_transfer_triton has its
+        # Python twin, but Triton's
         # native library aborts on import in the AddressSanitizer run below.)
         map_student, map_teacher = emulated.attention_map(student, p), emulated.attention_map(teacher, p)
         dtype = torch.promote_types(map_student.dtype, map_teacher.dtype)
@@ -50,8 +52,9 @@ def cuda_kernels(emulated, monkeypatch):
 
     monkeypatch.setattr(ofd, "_fused_kernel", lambda backend: emulated.ofd_fused.default)
     monkeypatch.setattr(align, "_kernel", lambda backend: emulated.align_fused.default)
-    monkeypatch.setattr(frskd, "_kernels", lambda backend: frskd._Kernels(
-        attention_transfer_forward, emulated.attention_map_backward.default, emulated.kd_fused.default))
+    monkeypatch.setattr(attention_transfer, "_kernels", lambda backend: attention_transfer._Kernels(
+        attention_transfer_forward, emulated.attention_map_backward.default))
+    monkeypatch.setattr(kd, "kd_kernel", lambda backend: emulated.kd_fused.default)
     return emulated
 
 
@@ -77,7 +80,7 @@ def test_nan_and_inf_follow_the_reference(cuda_kernels, case, dtype, layout):
     assert_parity(case.fused("cpu"), case.reference, case.plant_special(case.make("cpu", dtype)), names=case.names)
 
 
-@pytest.mark.parametrize("case,dtype,layout", _params(cases=(OFD, ALIGN, ATTENTION)))
+@pytest.mark.parametrize("case,dtype,layout", _params(cases=(OFD, ALIGN, ATTENTION, CWD)))
 def test_feature_ranks_and_5d_channels_last(cuda_kernels, case, dtype, layout):
     for spatial, layout in (((), "contiguous"), ((5,), "contiguous"), ((2, 3, 2), "channels_last")):
         inputs = case.make("cpu", torch.float64, spatial=spatial, layout=layout)
@@ -142,6 +145,13 @@ def test_attention_maps_past_a_warp_of_positions_and_channels(cuda_kernels):
             assert_parity(lambda s, t: ofdkern.attention_transfer_loss(s, t, p=p, backend="cpu"),
                           lambda s, t: ofdkern.attention_transfer_loss(s, t, p=p, backend="reference"),
                           [student, teacher.abs()], names=ATTENTION.names)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_attention_gradients_at_many_channels_are_as_accurate_as_eager(cuda_kernels, channels_last):
+    ours, eager = attention_gradient_errors(lambda s, t: ofdkern.attention_transfer_loss(s, t, backend="cpu"),
+                                            1024, channels_last)
+    assert ours <= eager, (ours, eager)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)

@@ -31,6 +31,8 @@ def _inputs(op):
         return [torch.randn(64, 32000, generator=g).requires_grad_(), torch.randn(64, 32000, generator=g)]
     if op == "attention_transfer_loss":
         return [torch.randn(32, 256, 28, 28, generator=g).requires_grad_(), torch.randn(32, 256, 28, 28, generator=g)]
+    if op == "cwd_loss":
+        return [torch.randn(4, 19, 128, 256, generator=g).requires_grad_(), torch.randn(4, 19, 128, 256, generator=g)]
     return [torch.randn(16, 256, 28, 28, generator=g).requires_grad_(), torch.randn(16, 256, 28, 28, generator=g),
             -torch.rand(256, generator=g)]
 
@@ -39,11 +41,13 @@ FUSED = {
     "kd_loss": lambda s, t: ofdkern.kd_loss(s, t, backend="cpu"),
     "attention_transfer_loss": lambda s, t: ofdkern.attention_transfer_loss(s, t, backend="cpu"),
     "ofd_loss": lambda s, t, m: ofdkern.ofd_loss(s, t, m, reduction="batchmean", backend="cpu"),
+    "cwd_loss": lambda s, t: ofdkern.cwd_loss(s, t, backend="cpu"),
 }
 EAGER = {
     "kd_loss": lambda s, t: reference.kd_loss(s, t),
     "attention_transfer_loss": lambda s, t: reference.attention_transfer_loss(s, t),
     "ofd_loss": lambda s, t, m: reference.ofd_loss(s, t, m, "batchmean"),
+    "cwd_loss": lambda s, t: reference.cwd_loss(s, t),
 }
 
 

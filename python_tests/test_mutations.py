@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import ofdkern
 from ofdkern import reference
 
-from op_cases import ALIGN, ALIGN_OFD, ATTENTION, KD, OFD
+from op_cases import ALIGN, ALIGN_OFD, ATTENTION, CWD, KD, OFD
 from parity import assert_parity
 
 
@@ -54,10 +54,12 @@ def _count_off(case, reduction):
 
 def _count(case, inputs, reduction):
     """What the reduction divides by: the batch ("batchmean"), or every element of the loss ("mean": the
-    teacher's for channel alignment, the attention map's for attention transfer)."""
+    teacher's for channel alignment, the attention map's for attention transfer, the maps' for CWD)."""
     feature = inputs[1] if case.op == "channel_align_loss" else inputs[0]
     if reduction == "batchmean":
         return feature.shape[0]
+    if case.op == "cwd_loss":
+        return feature.shape[0] * feature.shape[1]
     if case.op == "attention_transfer_loss":
         return feature.shape[0] * feature[0, 0].numel()
     return feature.numel()
@@ -100,9 +102,17 @@ def _kd_without_temperature_squared(s, t):
     return ofdkern.kd_loss(s, t, backend="cpu") / 16.0
 
 
+def _cwd_softmax_over_channels(s, t):
+    """KD per position over the channels (the softmax on the wrong axis), normalized like CWD's "mean"."""
+    def positions_by_channels(x):
+        return x.movedim(1, -1).reshape(-1, x.shape[1])
+    rows = reference.kd_loss(positions_by_channels(s), positions_by_channels(t), 2.0, "sum")
+    return rows / (s.shape[0] * s.shape[1])
+
+
 # (case, name of the defect, broken loss over the case's inputs, whether to plant NaN/Inf first)
 BROKEN = []
-for case in (OFD, ALIGN, ALIGN_OFD, ATTENTION, KD):
+for case in (OFD, ALIGN, ALIGN_OFD, ATTENTION, KD, CWD):
     fused = case.fused("cpu")
     BROKEN += [
         (case, "zeroed gradient", _first_input_through(_ZeroGrad)(fused), False),
@@ -119,6 +129,7 @@ BROKEN += [
     (ALIGN_OFD, "margin ignored", _align_ofd_without_margin, False),
     (ATTENTION, "maps not normalized", _attention_without_normalize, False),
     (KD, "T^2 factor dropped", _kd_without_temperature_squared, False),
+    (CWD, "softmax over channels", _cwd_softmax_over_channels, False),
 ]
 
 

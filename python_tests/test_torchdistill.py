@@ -39,6 +39,16 @@ def test_importing_registers_the_wrapper_and_the_losses():
     torch.testing.assert_close(kd(*io, None), reference.kd_loss(student, teacher, 2.0, "batchmean"))
 
 
+def test_cwd_loss_by_name():
+    assert MIDDLE_LEVEL_LOSS_DICT["ofdkern.CWDLoss"] is plugin.ChannelWiseDistillationLoss
+    assert "ofdkern.CWDLoss" in plugin.LOSS_KEYS
+    pairs = {"logits": {"student": {"path": "decode_head"}, "teacher": {"path": "decode_head"}, "weight": 3.0}}
+    cwd = get_mid_level_loss({"key": "ofdkern.CWDLoss", "kwargs": {"feature_pairs": pairs, "temperature": 2.0}})
+    student, teacher = (torch.randn(2, 4, 5, 6, dtype=torch.float64) for _ in range(2))
+    io = {"decode_head": {"output": student}}, {"decode_head": {"output": teacher}}
+    torch.testing.assert_close(cwd(*io, None), 3 * reference.cwd_loss(student, teacher, 2.0, "mean"))
+
+
 def box(teacher, student, teacher_kwargs, student_kwargs, teacher_hooks, student_hooks, sub_terms,
         teacher_input_hooks=()):
     """A DistillationBox with a FeatureTaps wrapper on each side, torchdistill's forward hooks on the given

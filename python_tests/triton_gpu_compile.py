@@ -36,14 +36,16 @@ from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
 from ofdkern._dtypes import accumulation_dtype  # noqa: E402
 from ofdkern._layout import as_positions  # noqa: E402
-from ofdkern.kernels import align_tiled_triton, align_triton, frskd_triton, ofd_triton, scale_triton  # noqa: E402
+from ofdkern.kernels import (  # noqa: E402
+    align_tiled_triton, align_triton, attention_transfer_triton, kd_triton, ofd_triton, scale_triton)
 
 # Reads a cubin's registers and stack (spills) per thread; shipped with Triton's NVIDIA backend.
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 # H100/H200 (sm_90) and A100 (sm_80), with their per-block shared-memory limits (opt-in maximum).
 TARGETS = {"sm_90": (GPUTarget("cuda", 90, 32), 232448), "sm_80": (GPUTarget("cuda", 80, 32), 166912)}
 GRID_LIMITS = (2**31 - 1, 65535, 65535)
-KERNEL_MODULES = (align_tiled_triton, align_triton, frskd_triton, ofd_triton, scale_triton)
+KERNEL_MODULES = (align_tiled_triton, align_triton, attention_transfer_triton, kd_triton, ofd_triton,
+                  scale_triton)
 
 
 class Compiler:
@@ -150,24 +152,24 @@ def _align():
 
 def _attention():
     for dtype in DTYPES:
-        acc = accumulation_dtype(dtype)
         for channels_last in (False, True):
             for p in (2.0, 3.0, 2.5):
                 s = as_positions(_randn((2, 4, 6, 7), dtype, channels_last))
                 t = as_positions(_randn((2, 6, 6, 7), dtype, channels_last))
                 yield f"attention {dtype} channels_last={channels_last} p={p}", (
-                    lambda s=s, t=t, p=p: frskd_triton.attention_transfer_forward(s, t, p, 84))
+                    lambda s=s, t=t, p=p: attention_transfer_triton.attention_transfer_forward(s, t, p, 84))
                 yield f"attention backward {dtype} channels_last={channels_last} p={p}", (
-                    lambda s=s, p=p, acc=acc: frskd_triton.attention_map_backward(s, torch.randn(2, 42, dtype=acc), p))
+                    lambda s=s, p=p: attention_transfer_triton.attention_map_backward(
+                        s, torch.randn(2, 42, dtype=torch.float64), p))
     # Grids of large maps (meta tensors: launches are only checked, not compiled).
     for shape, channels_last in (((2, 64, 1024, 1024), True), ((1, 8, 4096, 4096), False),
                                  ((2, 16, 64, 128, 128), True)):
         big = as_positions(_randn(shape, torch.bfloat16, channels_last, device="meta"))
         yield f"attention grid {shape} channels_last={channels_last}", (
-            lambda big=big: frskd_triton.attention_transfer_forward(big, big, 2.0, 1))
+            lambda big=big: attention_transfer_triton.attention_transfer_forward(big, big, 2.0, 1))
         yield f"attention backward grid {shape} channels_last={channels_last}", (
-            lambda big=big: frskd_triton.attention_map_backward(
-                big, torch.empty(big.shape[0], big.shape[2], device="meta"), 2.0))
+            lambda big=big: attention_transfer_triton.attention_map_backward(
+                big, torch.empty(big.shape[0], big.shape[2], dtype=torch.float64, device="meta"), 2.0))
 
 
 def _kd():
@@ -176,9 +178,12 @@ def _kd():
             for grads in ((True, True), (True, False), (False, False)):
                 s, t = _randn((3, classes), dtype), _randn((3, classes), dtype)
                 yield f"kd {dtype} classes={classes} grads={grads}", (
-                    lambda s=s, t=t, g=grads: frskd_triton.kd_fused(s, t, 4.0, *g))
+                    lambda s=s, t=t, g=grads: kd_triton.kd_fused(s, t, 4.0, *g))
     big = torch.empty(4096, 128256, dtype=torch.bfloat16, device="meta")
-    yield "kd grid 4096x128256", lambda: frskd_triton.kd_fused(big, big, 4.0, True, True)
+    yield "kd grid 4096x128256", lambda: kd_triton.kd_fused(big, big, 4.0, True, True)
+    # cwd_loss's rows: the (N * C, positions) maps of an FPN level (4 chunks per row, 512 rows).
+    maps = torch.empty(2 * 256, 100 * 152, dtype=torch.bfloat16, device="meta")
+    yield "cwd rows 512x15200", lambda: kd_triton.kd_fused(maps, maps, 1.0, True, False)
 
 
 def run(targets: dict) -> dict:

@@ -1,7 +1,7 @@
 """Exercises every instance of the CUDA kernels of ``ofdkern::ofd_fused``, ``ofdkern::scale_``,
-``ofdkern::align_fused`` and the FRSKD ops (``attention_map``, ``attention_map_backward``,
-``attention_transfer_maps``, ``kd_fused``) on small, awkward inputs, for tools/sanitize_cuda.sh (compute-sanitizer
-memcheck / racecheck) and as a plain GPU smoke test.
+``ofdkern::align_fused``, the attention-transfer ops (``attention_map``, ``attention_map_backward``,
+``attention_transfer_maps``) and ``kd_fused`` (also behind ``cwd_loss``) on small, awkward inputs, for
+tools/sanitize_cuda.sh (compute-sanitizer memcheck / racecheck) and as a plain GPU smoke test.
 
 Covers: all 16 output combinations (loss reduced or per element x each gradient), fp32/fp64/fp16/bf16,
 NCHW, channels_last, channels_last_3d, 2-D features, a size-1 channel dim, sizes that leave a scalar tail,
@@ -15,11 +15,14 @@ the eager reference.
 align_fused: NCHW, channels_last and mixed layouts, with and without a margin, several gradient combinations,
 2-D features, one pixel, several tiles, an empty batch, against its C++ CPU kernel and rerun bitwise.
 
-FRSKD: KD rows of one chunk (the fused kernel) and of several (stats, terms, finish and teacher kernels), a
-single class, sizes one past a chunk, every combination of gradients; attention maps and their gradients for
-NCHW, channels_last, channels_last_3d, a layout the kernels do not walk (copied), 2-D features and size-1 dims,
+Attention transfer and KD: KD rows of one chunk (the fused kernel) and of several (stats, terms, finish and
+teacher kernels), a single class, sizes one past a chunk, every combination of gradients; attention maps and
+their gradients for NCHW, channels_last, channels_last_3d, a layout the kernels do not walk (copied), 2-D features and size-1 dims,
 exponents 2, 1 and general; the map math with an all-zero map (below F.normalize's eps); empty inputs. Each is
 checked against the C++ CPU kernel and rerun bitwise, and the public losses with autograd against the reference.
+
+cwd_loss: NCHW and channels_last maps whose rows take one chunk and several, each reduction, with autograd
+against the reference and rerun bitwise.
 Exit status 1 on any mismatch.
 """
 from __future__ import annotations
@@ -201,12 +204,11 @@ def check_attention(shape, layout, p, dtype) -> None:
     generator = torch.Generator(device="cuda").manual_seed(4)
     feature = attention_feature(shape, layout, dtype, generator, nonnegative=p == 1.5)
     merged = feature.reshape(shape[0], shape[1], math.prod(shape[2:]))
-    acc = accumulation_dtype(dtype)
     name = f"{tuple(shape)} {layout} p={p} {dtype}"
     for view_name, view in (("merged", merged), ("every other position", merged[..., ::2])):
         maps = lambda f: (torch.ops.ofdkern.attention_map(f, p),)
         check_outputs(f"attention_map {name} {view_name}", maps(view), maps(view.cpu()), maps(view), dtype)
-    grad_map = torch.randn(shape[0], merged.shape[2], generator=generator, device="cuda").to(acc)
+    grad_map = torch.randn(shape[0], merged.shape[2], generator=generator, device="cuda", dtype=torch.float64)
     backward = lambda f, g: (torch.ops.ofdkern.attention_map_backward(f, g, p),)
     gpu = backward(merged, grad_map)
     check_outputs(f"attention_map_backward {name}", gpu, backward(merged.cpu(), grad_map.cpu()),
@@ -239,6 +241,29 @@ def check_attention_maps(batch, positions, dtype) -> None:
         scaled = lambda outputs: [o / (o.abs().max().item() or 1.0) if o.numel() else o for o in outputs]
         check_outputs(f"attention_transfer_maps {batch}x{positions} {dtype} grads={flags}", scaled(gpu),
                       scaled(cpu), scaled(call(map_student, map_teacher)), dtype)
+
+
+# cwd_loss: (shape, layout): rows of one KD chunk and of two, NCHW and channels_last (copied to rows).
+CWD_CASES = [((2, 3, 5, 7), "contiguous"), ((2, 3, 5, 7), "channels_last"), ((1, 2, 70, 80), "contiguous")]
+
+
+def check_cwd(shape, layout, dtype) -> None:
+    generator = torch.Generator(device="cuda").manual_seed(7)
+    maps = [(2 * torch.randn(shape, generator=generator, device="cuda")).to(dtype) for _ in range(2)]
+    if layout != "contiguous":
+        maps = [x.to(memory_format=MEMORY_FORMATS[layout]) for x in maps]
+    for reduction in ("mean", "none"):
+        name = f"cwd_loss {shape} {layout} {dtype} {reduction}"
+        leaves = [x.detach().requires_grad_() for x in maps]
+        loss = ofdkern.cwd_loss(*leaves, temperature=2.0, reduction=reduction, backend="cuda")
+        grads = torch.autograd.grad(loss.sum(), leaves)
+        again = ofdkern.cwd_loss(*leaves, temperature=2.0, reduction=reduction, backend="cuda")
+        check(torch.equal(loss, again), f"{name}: rerun not bitwise equal")
+        expected = reference.cwd_loss(*(x.double() for x in leaves), 2.0, reduction)
+        expected_grads = torch.autograd.grad(expected.sum(), leaves)
+        check(close(loss, expected.to(loss.dtype).cpu(), dtype), f"{name}: loss")
+        for g, e in zip(grads, expected_grads):
+            check(close(g, e.to(g.dtype).cpu(), dtype), f"{name}: gradient")
 
 
 # --- channel-wise alignment -----------------------------------------------------------------------------
@@ -303,6 +328,8 @@ def main() -> int:
             check_kd(rows, classes, dtype)
         for shape, layout, p in ATTENTION_CASES:
             check_attention(shape, layout, p, dtype)
+        for shape, layout in CWD_CASES:
+            check_cwd(shape, layout, dtype)
         for case in ALIGN_CASES:
             for margin_wanted in (False, True):
                 for grads in ((False, False, False), (True, True, True), (True, False, False), (False, True, False)):

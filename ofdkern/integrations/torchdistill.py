@@ -436,3 +436,41 @@ class SoftTargetKDLoss(nn.Module):
         student = _io_value(io_dicts, self.student, "student", "ofdkern.KDLoss")
         teacher = _io_value(io_dicts, self.teacher, "teacher", "ofdkern.KDLoss").detach()
         return kd_loss(student, teacher, temperature=self.temperature, reduction=self.reduction, backend=self.backend)
+
+
+# -- channel-wise distillation ---------------------------------------------------------------------------------
+
+from ..ops import cwd_loss  # noqa: E402  (kept with its loss: one block per fused op)
+
+LOSS_KEYS = (*LOSS_KEYS, "ofdkern.CWDLoss")
+__all__ += ["ChannelWiseDistillationLoss"]
+
+
+@register_mid_level_loss(key="ofdkern.CWDLoss")
+class ChannelWiseDistillationLoss(nn.Module):
+    """Channel-wise distillation (Shu et al., ICCV 2021) over map pairs: ``sum_i w_i * cwd_loss(s_i, t_i)``, per
+    channel ``T^2 * KL(softmax(t_c / T) || softmax(s_c / T))`` over positions, summed over channels and samples
+    and divided by N * C (mmrazor's ``ChannelWiseDivergence``; its ``loss_weight`` is the pair's weight).
+
+    Args:
+        feature_pairs: ``{name: {"student": {path, io}, "teacher": {path, io}, "weight": w}}`` (weight
+            default 1): logit maps (segmentation) or feature maps (an FPN level) of one shape per pair.
+        temperature: T (mmrazor's tau; 1 in its segmentation and detection configs).
+        reduction: "mean" (mmrazor's), "batchmean" or "sum".
+        backend: the ``cwd_loss`` backend.
+    """
+
+    def __init__(self, feature_pairs: dict, temperature: float = 1.0, reduction: str = "mean",
+                 backend: str = "auto", **_kwargs):
+        super().__init__()
+        self.pairs = _pairs(feature_pairs, "ofdkern.CWDLoss")
+        self.temperature, self.reduction, self.backend = temperature, reduction, backend
+
+    def forward(self, student_io_dict, teacher_io_dict, *_args, **_kwargs):
+        total = 0.0
+        for _name, pair in self.pairs:
+            student = _io_value(student_io_dict, pair["student"], "student", "ofdkern.CWDLoss")
+            teacher = _io_value(teacher_io_dict, pair["teacher"], "teacher", "ofdkern.CWDLoss").detach()
+            total = total + float(pair.get("weight", 1.0)) * cwd_loss(
+                student, teacher, temperature=self.temperature, reduction=self.reduction, backend=self.backend)
+        return total

@@ -1,12 +1,13 @@
 """What every Triton kernel of ofdkern shares: the accumulation dtype, a launch on the tensors' own device, the
-argument checks of the kernel entry points, and the per-element math as ``@triton.jit`` functions (the Triton
-twins of csrc/ofd_math.h).
+argument checks of the kernel entry points, float64 scalars passed as float32 pairs, and the per-element math
+as ``@triton.jit`` functions (the Triton twins of csrc/ofd_math.h).
 
 Kernels run on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (set before importing triton).
 """
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 
 import torch
@@ -17,8 +18,8 @@ from .._dtypes import accumulation_dtype
 
 __all__ = ["INTERPRET", "accumulation_dtype", "align_point", "align_teacher_share", "check_dense", "check_dtype",
            "check_same_device", "check_shape", "dot_precision", "float32_matmul_uses_tf32", "gpu_launch_sizes",
-           "launch", "launch_size", "margin_relu", "margin_share", "ofd_point", "relu", "relu_backward", "stored_as",
-           "teacher_share"]
+           "joined", "launch", "launch_size", "margin_relu", "margin_share", "ofd_point", "relu", "relu_backward",
+           "split_float", "stored_as", "teacher_share", "to_float32"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Set by gpu_launch_sizes(): the interpreter then runs the launches a GPU would get.
@@ -99,6 +100,24 @@ def check_same_device(op: str, **tensors: torch.Tensor) -> None:
 
 
 # ---- per-element math (csrc/ofd_math.h) -------------------------------------------------------------------
+
+def split_float(value: float) -> tuple[float, float]:
+    """value as float32 head and tail: Triton passes Python floats as float32, and head + tail keeps ~48 bits
+    for the float64 kernels (float32 kernels see value rounded once)."""
+    head = to_float32(value)
+    return head, to_float32(value - head) if math.isfinite(head) else 0.0
+
+
+def to_float32(value: float) -> float:
+    """value rounded to float32 (inf beyond its range)."""
+    return torch.tensor(value, dtype=torch.float32).item()
+
+
+@triton.jit
+def joined(head, tail, dtype: tl.constexpr):
+    """The value of a split_float pair in ``dtype``."""
+    return tl.cast(head, dtype) + tl.cast(tail, dtype)
+
 
 @triton.jit
 def margin_relu(t, m):

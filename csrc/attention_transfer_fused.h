@@ -1,16 +1,21 @@
-// Contracts of the fused FRSKD ops shared by their kernels: argument checks and output allocation.
+// Contract of the fused attention-transfer ops shared by their kernels: argument checks and output allocation.
 //
-// Schemas (defined in frskd_op.cpp; the Triton kernels in ofdkern/kernels/frskd_triton.py take the same):
+// Schemas (defined in attention_transfer_op.cpp; the Triton kernels in
+// ofdkern/kernels/attention_transfer_triton.py take the same):
 //   attention_map(Tensor feature, float p) -> Tensor
 //       feature: (N, C, S) with any strides (the caller merges the spatial dims into S), p > 0.
-//       Returns a = mean_c(feature^p) as a contiguous (N, S) tensor in the accumulation dtype.
+//       Returns a = mean_c(feature^p) as a contiguous (N, S) float64 tensor, whatever the feature's dtype: the
+//       loss normalizes the difference of two maps, which are close when a student learns its teacher, and
+//       magnifies their rounding in the gradient; float32 maps (even rounded once) left the float32 gradient
+//       less accurate than eager's. The kernels sum the channels in the accumulation dtype in leaves of a few
+//       channels and add the leaves in float64.
 //   attention_map_backward(Tensor feature, Tensor grad_map, float p) -> Tensor
-//       grad_map: contiguous (N, S) in the accumulation dtype. Returns d<grad_map, a>/d feature with
-//       feature's sizes, strides and dtype (feature must be non-overlapping and dense).
+//       grad_map: contiguous (N, S) float64. Returns d<grad_map, a>/d feature with feature's sizes, strides and
+//       dtype (feature must be non-overlapping and dense).
 //   attention_transfer_maps(Tensor map_student, Tensor map_teacher, bool grad_student, bool grad_teacher)
 //       -> (Tensor row_loss, Tensor grad_map_student, Tensor grad_map_teacher)
 //       map_student, map_teacher: contiguous (N, S) maps of one dtype, float32 or float64 (attention_map's
-//       outputs). row_loss: (N,) per sample sum_j (u_s,j - u_t,j)^2 with u = map / max(|map|, 1e-12) (the
+//       outputs are float64). row_loss: (N,) per sample sum_j (u_s,j - u_t,j)^2 with u = map / max(|map|, 1e-12) (the
 //       norm over j; F.normalize). The gradients are those of sum(row_loss) wrt the maps, or empty when not
 //       asked.
 //   attention_transfer_forward(Tensor student, Tensor teacher, float p, int count)
@@ -19,11 +24,6 @@
 //       may differ). The composite of the three ops above on the features' device: loss is the sum of the row
 //       losses divided by count (as is for count 1), 0-dim in the features' promoted dtype; the gradients are
 //       those of the summed row losses wrt each map, in its map's dtype.
-//   kd_fused(Tensor student, Tensor teacher, float temperature, bool grad_student, bool grad_teacher)
-//       -> (Tensor row_loss, Tensor grad_student, Tensor grad_teacher)
-//       student, teacher: contiguous (N, K) logits of one dtype. row_loss: (N,) KL * T^2 per row in the
-//       accumulation dtype (0 for K = 0). The gradients are those of sum(row_loss), like the logits, or
-//       empty when not asked.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -31,7 +31,7 @@
 #include <cmath>
 #include <tuple>
 
-#include "accumulation.h"
+#include "empty_like.h"
 
 namespace ofdkern {
 
@@ -44,13 +44,6 @@ struct FeatureGeometry {
 inline FeatureGeometry geometry(const at::Tensor& feature) {
   return FeatureGeometry{feature.size(0),   feature.size(1),   feature.size(2),
                          feature.stride(0), feature.stride(1), feature.stride(2)};
-}
-
-// Allocates a feature-sized output like `like` (the CPU kernels pass their huge-page allocator).
-using FrskdEmptyLike = at::Tensor (*)(const at::Tensor& like, at::TensorOptions options);
-
-inline at::Tensor frskd_default_empty_like(const at::Tensor& like, at::TensorOptions options) {
-  return at::empty_like(like, options);
 }
 
 inline void check_attention_feature(const at::Tensor& feature, double p, const char* op) {
@@ -77,21 +70,19 @@ inline at::Tensor attention_walkable(const at::Tensor& feature) {
 
 inline at::Tensor allocate_attention_map(const at::Tensor& feature, double p) {
   check_attention_feature(feature, p, "attention_map");
-  return at::empty({feature.size(0), feature.size(2)},
-                   feature.options().dtype(accumulation_dtype(feature.scalar_type())));
+  return at::empty({feature.size(0), feature.size(2)}, feature.options().dtype(at::kDouble));
 }
 
 inline at::Tensor allocate_attention_feature_grad(const at::Tensor& feature, const at::Tensor& grad_map, double p,
-                                                  FrskdEmptyLike empty_like = frskd_default_empty_like) {
+                                                  EmptyLike empty_like = default_empty_like) {
   check_attention_feature(feature, p, "attention_map_backward");
   TORCH_CHECK_VALUE(feature.is_non_overlapping_and_dense(),
                     "attention_map_backward: feature must be non-overlapping and dense");
-  const auto acc = accumulation_dtype(feature.scalar_type());
   TORCH_CHECK_VALUE(grad_map.dim() == 2 && grad_map.size(0) == feature.size(0) &&
                         grad_map.size(1) == feature.size(2) && grad_map.is_contiguous() &&
-                        grad_map.scalar_type() == acc,
+                        grad_map.scalar_type() == at::kDouble,
                     "attention_map_backward: grad_map must be a contiguous (", feature.size(0), ", ",
-                    feature.size(2), ") tensor of dtype ", acc, ", got shape ", grad_map.sizes(), " dtype ",
+                    feature.size(2), ") float64 tensor, got shape ", grad_map.sizes(), " dtype ",
                     grad_map.scalar_type());
   TORCH_CHECK_VALUE(feature.device() == grad_map.device(),
                     "attention_map_backward: feature and grad_map must be on one device");
@@ -131,29 +122,6 @@ inline AttentionMapsOutputs allocate_attention_maps_outputs(const at::Tensor& ma
   };
   return {at::empty({map_student.size(0)}, map_student.options()), maybe(grad_student, map_student),
           maybe(grad_teacher, map_teacher)};
-}
-
-using KDOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
-
-inline KDOutputs allocate_kd_outputs(const at::Tensor& student, const at::Tensor& teacher, double temperature,
-                                     bool grad_student, bool grad_teacher,
-                                     FrskdEmptyLike empty_like = frskd_default_empty_like) {
-  TORCH_CHECK_VALUE(student.dim() == 2, "kd_fused: student must be (N, K) logits, got shape ", student.sizes());
-  TORCH_CHECK_VALUE(student.sizes() == teacher.sizes(), "kd_fused: student ", student.sizes(), " and teacher ",
-                    teacher.sizes(), " differ in shape");
-  TORCH_CHECK_TYPE(student.scalar_type() == teacher.scalar_type(), "kd_fused: student dtype ",
-                   student.scalar_type(), " differs from teacher dtype ", teacher.scalar_type());
-  TORCH_CHECK_TYPE(at::isFloatingType(student.scalar_type()), "kd_fused: logits must be floating point, got ",
-                   student.scalar_type());
-  TORCH_CHECK_VALUE(student.is_contiguous() && teacher.is_contiguous(), "kd_fused: logits must be contiguous");
-  TORCH_CHECK_VALUE(student.device() == teacher.device(), "kd_fused: student and teacher must be on one device");
-  TORCH_CHECK_VALUE(temperature > 0 && std::isfinite(temperature),
-                    "kd_fused: temperature must be positive and finite, got ", temperature);
-  const auto acc_options = student.options().dtype(accumulation_dtype(student.scalar_type()));
-  auto maybe = [empty_like](bool wanted, const at::Tensor& like) {
-    return wanted ? empty_like(like, like.options()) : at::empty({0}, like.options());
-  };
-  return {at::empty({student.size(0)}, acc_options), maybe(grad_student, student), maybe(grad_teacher, teacher)};
 }
 
 }  // namespace ofdkern

@@ -1,11 +1,9 @@
-"""The fused FRSKD losses (Ji et al., CVPR 2021) as torch.library custom ops: attention transfer between
-feature maps and soft-label KD between logits.
+"""Attention transfer (Zagoruyko & Komodakis; the feature loss of FRSKD, Ji et al., CVPR 2021) as a
+torch.library custom op.
 
-Attention transfer: the forward reads each feature map once and writes only its (N, positions) attention
-map; normalization, loss and the map gradients run on those small maps (one call of the backend's
-attention_transfer_forward); the backward kernel reads each feature once more to write its gradient. KD: one
-kernel per row computes the loss with an online max/sum and writes the logit gradients in the same call, so
-backward only scales them.
+The forward reads each feature map once and writes only its (N, positions) attention map; normalization, loss
+and the map gradients run on those small maps (one call of the backend's attention_transfer_forward); the
+backward kernel reads each feature once more to write its gradient.
 """
 from __future__ import annotations
 
@@ -17,37 +15,34 @@ import torch
 
 from .. import reference
 from .._backends import Backend, register_op, resolve
-from .._dtypes import accumulation_dtype, result_dtype
+from .._dtypes import result_dtype
 from .._layout import as_positions
-from .._validation import check_attention_transfer_args, check_kd_args
+from .._validation import check_attention_transfer_args
 from ._autograd import backward_scale, fused_op, input_gradient, setup_scaled_backward, tracing
-from ._common import autocast_loss, autocast_off, divide_by_count, reduction_count
+from ._common import autocast_loss, autocast_off, reduction_count
 
-# What attention_transfer_forward (a composite, csrc/frskd_op.cpp) and the backward run on the device.
+# What attention_transfer_forward (a composite, csrc/attention_transfer_op.cpp) and the backward run on the
+# device.
 _ATTENTION_KERNELS = ("ofdkern::attention_map", "ofdkern::attention_map_backward", "ofdkern::attention_transfer_maps")
 ATTENTION_TRANSFER = register_op("attention_transfer_loss", cpu=Backend(_ATTENTION_KERNELS),
                                  cuda=Backend(_ATTENTION_KERNELS), triton=Backend())
-KD = register_op("kd_loss", cpu=Backend(("ofdkern::kd_fused",)), cuda=Backend(("ofdkern::kd_fused",)),
-                 triton=Backend())
 
 
 class _Kernels(NamedTuple):
-    """A backend's FRSKD kernels, with the contracts of csrc/frskd_fused.h."""
+    """A backend's attention-transfer kernels, with the contracts of csrc/attention_transfer_fused.h."""
     attention_transfer_forward: Callable
     attention_map_backward: Callable
-    kd_fused: Callable
 
 
 def _kernels(backend: str) -> _Kernels:
     if backend == "triton":
-        from ..kernels import frskd_triton
+        from ..kernels import attention_transfer_triton
 
-        return _Kernels(frskd_triton.attention_transfer_forward, frskd_triton.attention_map_backward,
-                        frskd_triton.kd_fused)
+        return _Kernels(attention_transfer_triton.attention_transfer_forward,
+                        attention_transfer_triton.attention_map_backward)
     # "cpu" and "cuda" are the C++ ops; the tensors' device picks the kernel.
     ops = torch.ops.ofdkern
-    return _Kernels(ops.attention_transfer_forward.default, ops.attention_map_backward.default,
-                    ops.kd_fused.default)
+    return _Kernels(ops.attention_transfer_forward.default, ops.attention_map_backward.default)
 
 
 def _map_shape(feature: torch.Tensor) -> torch.Size:
@@ -60,7 +55,7 @@ def attention_transfer_fused(f_student: torch.Tensor, f_teacher: torch.Tensor, p
                              backend: str, in_place_backward: bool
                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (loss, d loss/d student map, d loss/d teacher map); the map gradients are for a unit upstream
-    gradient without the reduction's scaling, as (N, positions) tensors in the accumulation dtypes."""
+    gradient without the reduction's scaling, as (N, positions) float64 tensors (the maps' dtype)."""
     count = reduction_count(_map_shape(f_student), reduction)
     with autocast_off(f_student.device):
         return _kernels(backend).attention_transfer_forward(as_positions(f_student), as_positions(f_teacher), p,
@@ -70,7 +65,7 @@ def attention_transfer_fused(f_student: torch.Tensor, f_teacher: torch.Tensor, p
 @attention_transfer_fused.register_fake
 def _(f_student, f_teacher, p, reduction, backend, in_place_backward):
     def map_like(feature):
-        return feature.new_empty(_map_shape(feature), dtype=accumulation_dtype(feature.dtype))
+        return feature.new_empty(_map_shape(feature), dtype=torch.float64)
 
     loss = f_student.new_empty((), dtype=result_dtype(f_student, f_teacher))
     return loss, map_like(f_student), map_like(f_teacher)
@@ -124,55 +119,6 @@ def _attention_backward(ctx, grad_loss, *_unused):
 attention_transfer_fused.register_autograd(_attention_backward, setup_context=_attention_setup_context)
 
 
-@fused_op("ofdkern::kd_loss_fused")
-def kd_loss_fused(student: torch.Tensor, teacher: torch.Tensor, temperature: float, reduction: str, backend: str,
-                  grad_student: bool, grad_teacher: bool, in_place_backward: bool
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (loss, d sum(row losses)/d student, d sum(row losses)/d teacher); gradients not asked for are
-    empty."""
-    with autocast_off(student.device):
-        dtype = result_dtype(student, teacher)
-        row_loss, d_student, d_teacher = _kernels(backend).kd_fused(
-            student.to(dtype).contiguous(), teacher.to(dtype).contiguous(), temperature, grad_student, grad_teacher)
-        loss = row_loss if reduction == "none" else divide_by_count(row_loss.sum(),
-                                                                    reduction_count(student.shape, reduction))
-        return loss.to(dtype), d_student, d_teacher
-
-
-@kd_loss_fused.register_fake
-def _(student, teacher, temperature, reduction, backend, grad_student, grad_teacher, in_place_backward):
-    dtype = result_dtype(student, teacher)
-    loss = student.new_empty((student.shape[0],) if reduction == "none" else (), dtype=dtype)
-
-    def maybe(wanted):
-        return student.new_empty(student.shape if wanted else (0,), dtype=dtype)
-
-    return loss, maybe(grad_student), maybe(grad_teacher)
-
-
-def _kd_setup_context(ctx, inputs, output):
-    student, teacher, _temperature, reduction, backend, *_wanted, in_place_backward = inputs
-    count = None if reduction == "none" else reduction_count(student.shape, reduction)
-    setup_scaled_backward(ctx, output[1:], backend=backend, in_place_backward=in_place_backward, count=count,
-                          dtypes=(student.dtype, teacher.dtype))
-
-
-def _kd_backward(ctx, grad_loss, *_unused):
-    grads = [None] * 8
-    scale = backward_scale(ctx, grad_loss, KD.name)
-    if scale is None:
-        return tuple(grads)
-    if ctx.count is None:
-        scale = scale.unsqueeze(1)  # "none": one upstream gradient per row
-    for index, buffer in enumerate(ctx.saved_tensors):
-        if ctx.needs_input_grad[index]:
-            grads[index] = input_gradient(ctx, index, buffer, scale)
-    return tuple(grads)
-
-
-kd_loss_fused.register_autograd(_kd_backward, setup_context=_kd_setup_context)
-
-
 def attention_transfer_loss(f_student: torch.Tensor, f_teacher: torch.Tensor, *, p: float = 2,
                             reduction: str = "mean", backend: str = "auto") -> torch.Tensor:
     """Attention transfer loss of FRSKD / Zagoruyko & Komodakis: per sample, ``a = mean_c(f**p)`` at each
@@ -188,7 +134,8 @@ def attention_transfer_loss(f_student: torch.Tensor, f_teacher: torch.Tensor, *,
         backend: "auto", "triton", "cuda", "cpu" or "reference" (see ``ofdkern.backend_status()``).
 
     Returns:
-        The loss in the promoted feature dtype, accumulated in float32 (float64 for float64 features).
+        The loss in the promoted feature dtype; the maps are accumulated in float64 (see
+        csrc/attention_transfer_fused.h), the feature math in float32 (float64 for float64 features).
         Gradients flow to both features when they require them (detach the teacher as the reference does).
     """
     p = check_attention_transfer_args(f_student, f_teacher, p, reduction)
@@ -198,32 +145,3 @@ def attention_transfer_loss(f_student: torch.Tensor, f_teacher: torch.Tensor, *,
     loss, *_ = attention_transfer_fused(f_student, f_teacher, p, reduction, backend,
                                         in_place_backward=True)
     return autocast_loss(loss, f_student.device)
-
-
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: float = 4.0,
-            reduction: str = "batchmean", backend: str = "auto") -> torch.Tensor:
-    """Soft-label KD ``KL(softmax(t/T) || softmax(s/T)) * T**2`` of Hinton et al., as used by FRSKD.
-
-    A drop-in for the reference ``F.kl_div(F.log_softmax(s/T, 1), F.softmax(t/T, 1), reduction="batchmean")
-    * T * T``. Rows of any width (32k-256k classes) are processed with an online max/sum.
-
-    Args:
-        student_logits, teacher_logits: (N, K) logits of any float dtype.
-        temperature: the positive softmax temperature T.
-        reduction: "batchmean" (sum / N), "sum", "mean" (sum / (N K), F.kl_div's "mean") or "none" (one loss
-            per row).
-        backend: "auto", "triton", "cuda", "cpu" or "reference".
-
-    Returns:
-        The loss in the promoted logits dtype, accumulated in float32 (float64). Gradients flow to the student
-        and, when it requires grad, to the teacher (FRSKD detaches it).
-    """
-    temperature = check_kd_args(student_logits, teacher_logits, temperature, reduction)
-    backend = resolve(KD, backend, student_logits.device)
-    if backend == "reference":
-        return reference.kd_loss(student_logits, teacher_logits, temperature, reduction)
-    needs_grad = torch.is_grad_enabled()
-    loss, *_ = kd_loss_fused(student_logits, teacher_logits, temperature, reduction, backend,
-                             needs_grad and student_logits.requires_grad, needs_grad and teacher_logits.requires_grad,
-                             in_place_backward=True)
-    return autocast_loss(loss, student_logits.device)

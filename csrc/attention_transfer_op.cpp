@@ -1,11 +1,12 @@
-// Schemas of the fused FRSKD ops (contracts in frskd_fused.h), added to the ofdkern library defined in
-// library.cpp. Kernels register per dispatch key (frskd_cpu.cpp, frskd_cuda.cu); autograd and fake kernels
-// live in Python. attention_transfer_forward is the one composite: it runs the device's own kernels.
+// Schemas of the fused attention-transfer ops (contract in attention_transfer_fused.h), added to the ofdkern
+// library defined in library.cpp. Kernels register per dispatch key (attention_transfer_cpu.cpp,
+// attention_transfer_cuda.cu); autograd and fake kernels live in Python (ofdkern/ops/attention_transfer.py).
+// attention_transfer_forward is the one composite: it runs the device's own kernels.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
-#include "frskd_fused.h"
+#include "attention_transfer_fused.h"
 
 namespace ofdkern {
 namespace {
@@ -40,9 +41,6 @@ TORCH_LIBRARY_FRAGMENT(ofdkern, m) {
       "attention_transfer_maps(Tensor map_student, Tensor map_teacher, bool grad_student, bool grad_teacher) "
       "-> (Tensor, Tensor, Tensor)");
   m.def("attention_transfer_forward(Tensor student, Tensor teacher, float p, int count) -> (Tensor, Tensor, Tensor)");
-  m.def(
-      "kd_fused(Tensor student, Tensor teacher, float temperature, bool grad_student, bool grad_teacher) "
-      "-> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(ofdkern, CompositeExplicitAutograd, m) {

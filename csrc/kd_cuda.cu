@@ -1,10 +1,10 @@
-// CUDA kernels of the fused FRSKD ops (contracts in frskd_fused.h, per-element math in frskd_math.h).
+// CUDA kernels of the fused KD op (contract in kd_fused.h, per-element math in kd_math.h).
 //
 // Determinism: grids and per-thread work depend on the shapes only; every thread sums its elements in a fixed
 // order and every block reduces its threads in a fixed tree (block_reduce), so results are bit-identical run to
 // run. No atomics, no host sync.
 //
-// KD: a row is split into chunks of kChunk classes, one block each, every thread holding kItems classes of
+// A row is split into chunks of kChunk classes, one block each, every thread holding kItems classes of
 // both logit rows in registers. A row of one chunk is one block that reads its logits once (kd_terms_kernel
 // with kSingleChunk: stats, terms, loss and both gradients). Wider rows: kd_stats_kernel writes each chunk's
 // max and sum of exps; kd_terms_kernel merges its row's chunks (the row max first, then every chunk's sum
@@ -18,260 +18,13 @@
 #include <torch/library.h>
 
 #include <cstdint>
-#include <type_traits>
 
-#include "frskd_fused.h"
-#include "frskd_math.h"
+#include "cuda_launch.cuh"
+#include "kd_fused.h"
+#include "kd_math.h"
 
 namespace ofdkern {
 namespace {
-
-constexpr int kThreads = 256;
-constexpr int kWarpSize = 32;
-constexpr int kWarps = kThreads / kWarpSize;
-
-struct SumOp {
-  template <typename acc_t>
-  __device__ acc_t operator()(acc_t a, acc_t b) const {
-    return a + b;
-  }
-};
-
-struct MaxOp {  // NaN-propagating
-  template <typename acc_t>
-  __device__ acc_t operator()(acc_t a, acc_t b) const {
-    return ScalarMath<acc_t>::max(a, b);
-  }
-};
-
-// Reduction over a warp in a fixed tree; valid in lane 0.
-template <typename acc_t, typename Op>
-__device__ acc_t warp_reduce(acc_t value, Op op) {
-#pragma unroll
-  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) value = op(value, __shfl_down_sync(0xffffffffu, value, offset));
-  return value;
-}
-
-// Reduction over a block of kThreads threads in a fixed tree (warps, then the warp results), returned to every
-// thread. Every thread of the block must call it.
-template <typename acc_t, typename Op>
-__device__ acc_t block_reduce(acc_t value, Op op) {
-  __shared__ acc_t warp_results[kWarps];
-  __shared__ acc_t result;
-  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
-  value = warp_reduce(value, op);
-  if (lane == 0) warp_results[warp] = value;
-  __syncthreads();
-  if (warp == 0) {
-    // Lanes past kWarps hold copies; lane 0's tree reads lanes below kWarps only.
-    value = warp_results[lane % kWarps];
-#pragma unroll
-    for (int offset = kWarps / 2; offset > 0; offset /= 2) value = op(value, __shfl_down_sync(0xffffffffu, value, offset));
-    if (lane == 0) result = value;
-  }
-  __syncthreads();
-  return result;
-}
-
-// Calls f with std::integral_constant<bool, flag>.
-template <typename F>
-void with_flag(bool flag, F&& f) {
-  if (flag) f(std::true_type{});
-  else f(std::false_type{});
-}
-
-int grid_of(int64_t blocks) {
-  TORCH_CHECK_VALUE(blocks <= INT32_MAX, "ofdkern: too many CUDA blocks (", blocks, ")");
-  return static_cast<int>(blocks);
-}
-
-// --- attention maps -------------------------------------------------------------------------------------------
-
-// Positions innermost: a block is 32 consecutive positions (coalesced) x 8 channel groups; group k sums the
-// channels k, k + 8, ... in order, and the groups are added in group order.
-constexpr int kPositionLanes = 32;
-constexpr int kChannelGroups = kThreads / kPositionLanes;
-
-template <typename scalar_t, int kExponent>
-__global__ void __launch_bounds__(kThreads)
-    attention_map_positions_kernel(const scalar_t* feature, FeatureGeometry g, accumulation_t<scalar_t> p,
-                                   accumulation_t<scalar_t>* map, int64_t tiles) {
-  using acc_t = accumulation_t<scalar_t>;
-  using M = ScalarMath<acc_t>;
-  __shared__ acc_t group_sums[kChannelGroups][kPositionLanes];
-  const int64_t n = blockIdx.x / tiles;
-  const int64_t j = (blockIdx.x % tiles) * kPositionLanes + threadIdx.x;
-  acc_t sum = 0;
-  if (j < g.positions) {
-    const scalar_t* position = feature + n * g.batch_stride + j * g.position_stride;
-    for (int64_t c = threadIdx.y; c < g.channels; c += kChannelGroups)
-      sum += attention_power<M, kExponent>(static_cast<acc_t>(position[c * g.channel_stride]), p);
-  }
-  group_sums[threadIdx.y][threadIdx.x] = sum;
-  __syncthreads();
-  if (threadIdx.y == 0 && j < g.positions) {
-    acc_t total = 0;
-    for (int k = 0; k < kChannelGroups; ++k) total += group_sums[k][threadIdx.x];
-    map[n * g.positions + j] = total / static_cast<acc_t>(g.channels);
-  }
-}
-
-// Channels innermost: a warp per position, its lanes over the (coalesced) channels, added in a fixed tree.
-template <typename scalar_t, int kExponent>
-__global__ void __launch_bounds__(kThreads)
-    attention_map_channels_kernel(const scalar_t* feature, FeatureGeometry g, accumulation_t<scalar_t> p,
-                                  accumulation_t<scalar_t>* map) {
-  using acc_t = accumulation_t<scalar_t>;
-  using M = ScalarMath<acc_t>;
-  const int64_t q = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / kWarpSize;
-  const int lane = threadIdx.x % kWarpSize;
-  if (q >= g.batch * g.positions) return;  // whole warps leave: the shuffles below stay full-warp
-  const int64_t n = q / g.positions, j = q % g.positions;
-  const scalar_t* position = feature + n * g.batch_stride + j * g.position_stride;
-  acc_t sum = 0;
-  for (int64_t c = lane; c < g.channels; c += kWarpSize)
-    sum += attention_power<M, kExponent>(static_cast<acc_t>(position[c * g.channel_stride]), p);
-  sum = warp_reduce(sum, SumOp{});
-  if (lane == 0) map[q] = sum / static_cast<acc_t>(g.channels);
-}
-
-at::Tensor attention_map_cuda(const at::Tensor& feature_in, double p) {
-  at::Tensor map = allocate_attention_map(feature_in, p);
-  if (map.numel() == 0) return map;
-  const c10::cuda::CUDAGuard device_guard(feature_in.device());
-  const at::Tensor feature = attention_walkable(feature_in);
-  const FeatureGeometry g = geometry(feature);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const bool positions_inner = attention_positions_inner(feature);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feature.scalar_type(), "attention_map_cuda", [&] {
-    using acc_t = accumulation_t<scalar_t>;
-    const scalar_t* f = feature.const_data_ptr<scalar_t>();
-    acc_t* out = map.mutable_data_ptr<acc_t>();
-    with_attention_exponent(p, [&](auto kind) {
-      constexpr int kExponent = decltype(kind)::value;
-      if (positions_inner) {
-        const int64_t tiles = (g.positions + kPositionLanes - 1) / kPositionLanes;
-        attention_map_positions_kernel<scalar_t, kExponent>
-            <<<grid_of(g.batch * tiles), dim3(kPositionLanes, kChannelGroups), 0, stream>>>(
-                f, g, static_cast<acc_t>(p), out, tiles);
-      } else {
-        attention_map_channels_kernel<scalar_t, kExponent>
-            <<<grid_of((g.batch * g.positions + kWarps - 1) / kWarps), kThreads, 0, stream>>>(
-                f, g, static_cast<acc_t>(p), out);
-      }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  });
-  return map;
-}
-
-// d <grad_map, a> / d f = (grad_map / C) * p f^(p-1): one read of the feature and one write of its gradient.
-// A block is 32 consecutive elements of the innermost dim (positions or channels) x 8 rows of the other two.
-template <typename scalar_t, int kExponent, bool kChannelsInner>
-__global__ void __launch_bounds__(kThreads)
-    attention_map_backward_kernel(const scalar_t* feature, FeatureGeometry g, FeatureGeometry out_g,
-                                  const accumulation_t<scalar_t>* grad_map, accumulation_t<scalar_t> p,
-                                  scalar_t* grad) {
-  using acc_t = accumulation_t<scalar_t>;
-  using M = ScalarMath<acc_t>;
-  const int64_t inner = kChannelsInner ? g.channels : g.positions;
-  const int64_t outer = kChannelsInner ? g.positions : g.channels;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
-  if (row >= g.batch * outer) return;
-  const int64_t n = row / outer, o = row % outer;
-  const acc_t channels = static_cast<acc_t>(g.channels);
-  for (int64_t i = threadIdx.x; i < inner; i += blockDim.x) {
-    const int64_t c = kChannelsInner ? i : o, j = kChannelsInner ? o : i;
-    const acc_t x = static_cast<acc_t>(feature[n * g.batch_stride + c * g.channel_stride + j * g.position_stride]);
-    // The mean's backward (g / C), then the power's, as autograd applies them.
-    const acc_t value = (grad_map[n * g.positions + j] / channels) * attention_power_grad<M, kExponent>(x, p);
-    grad[n * out_g.batch_stride + c * out_g.channel_stride + j * out_g.position_stride] = static_cast<scalar_t>(value);
-  }
-}
-
-at::Tensor attention_map_backward_cuda(const at::Tensor& feature_in, const at::Tensor& grad_map, double p) {
-  at::Tensor grad = allocate_attention_feature_grad(feature_in, grad_map, p);
-  if (grad.numel() == 0) return grad;
-  const c10::cuda::CUDAGuard device_guard(feature_in.device());
-  const at::Tensor feature = attention_walkable(feature_in);
-  const FeatureGeometry g = geometry(feature), out_g = geometry(grad);
-  const bool channels_inner = !attention_positions_inner(feature);
-  const int64_t rows = g.batch * (channels_inner ? g.positions : g.channels);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feature.scalar_type(), "attention_map_backward_cuda", [&] {
-    using acc_t = accumulation_t<scalar_t>;
-    with_attention_exponent(p, [&](auto kind) {
-      with_flag(channels_inner, [&](auto layout) {
-        attention_map_backward_kernel<scalar_t, decltype(kind)::value, decltype(layout)::value>
-            <<<grid_of((rows + kChannelGroups - 1) / kChannelGroups), dim3(kPositionLanes, kChannelGroups), 0,
-               stream>>>(feature.const_data_ptr<scalar_t>(), g, out_g, grad_map.const_data_ptr<acc_t>(),
-                         static_cast<acc_t>(p), grad.mutable_data_ptr<scalar_t>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
-    });
-  });
-  return grad;
-}
-
-// One block per sample: three sweeps over its positions (the norms; the normalized difference with the loss
-// and the two projections; the gradients).
-template <typename acc_t>
-__global__ void __launch_bounds__(kThreads)
-    attention_maps_kernel(const acc_t* map_student, const acc_t* map_teacher, int64_t positions, acc_t* row_loss,
-                          acc_t* grad_student, acc_t* grad_teacher) {
-  using M = ScalarMath<acc_t>;
-  const int64_t offset = static_cast<int64_t>(blockIdx.x) * positions;
-  const acc_t* a_s = map_student + offset;
-  const acc_t* a_t = map_teacher + offset;
-  acc_t squares_s = 0, squares_t = 0;
-  for (int64_t j = threadIdx.x; j < positions; j += kThreads) {
-    squares_s += a_s[j] * a_s[j];
-    squares_t += a_t[j] * a_t[j];
-  }
-  const acc_t norm_s = std::sqrt(block_reduce(squares_s, SumOp{}));
-  const acc_t norm_t = std::sqrt(block_reduce(squares_t, SumOp{}));
-  const acc_t divisor_s = normalize_divisor(norm_s), divisor_t = normalize_divisor(norm_t);
-  acc_t total = 0, dot_s = 0, dot_t = 0;
-  for (int64_t j = threadIdx.x; j < positions; j += kThreads) {
-    const acc_t u_s = a_s[j] / divisor_s, u_t = a_t[j] / divisor_t;
-    const acc_t diff = u_s - u_t;
-    total += diff * diff;
-    dot_s += u_s * diff;
-    dot_t += u_t * diff;
-  }
-  total = block_reduce(total, SumOp{});
-  dot_s = block_reduce(dot_s, SumOp{});
-  dot_t = block_reduce(dot_t, SumOp{});
-  if (threadIdx.x == 0) row_loss[blockIdx.x] = total;
-  if (!grad_student && !grad_teacher) return;
-  // d total / d u_s = 2 diff, d total / d u_t = -2 diff.
-  for (int64_t j = threadIdx.x; j < positions; j += kThreads) {
-    const acc_t u_s = a_s[j] / divisor_s, u_t = a_t[j] / divisor_t;
-    const acc_t diff = u_s - u_t;
-    if (grad_student) grad_student[offset + j] = normalize_grad<M>(acc_t(2) * diff, u_s, acc_t(2) * dot_s, norm_s);
-    if (grad_teacher) grad_teacher[offset + j] = normalize_grad<M>(acc_t(-2) * diff, u_t, acc_t(-2) * dot_t, norm_t);
-  }
-}
-
-AttentionMapsOutputs attention_transfer_maps_cuda(const at::Tensor& map_student, const at::Tensor& map_teacher,
-                                                  bool grad_student, bool grad_teacher) {
-  auto outputs = allocate_attention_maps_outputs(map_student, map_teacher, grad_student, grad_teacher);
-  const int64_t batch = map_student.size(0), positions = map_student.size(1);
-  if (batch == 0) return outputs;
-  const c10::cuda::CUDAGuard device_guard(map_student.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(map_student.scalar_type(), "attention_transfer_maps_cuda", [&] {
-    attention_maps_kernel<scalar_t><<<grid_of(batch), kThreads, 0, stream>>>(
-        map_student.const_data_ptr<scalar_t>(), map_teacher.const_data_ptr<scalar_t>(), positions,
-        std::get<0>(outputs).mutable_data_ptr<scalar_t>(),
-        grad_student ? std::get<1>(outputs).mutable_data_ptr<scalar_t>() : nullptr,
-        grad_teacher ? std::get<2>(outputs).mutable_data_ptr<scalar_t>() : nullptr);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  return outputs;
-}
-
-// --- KD -------------------------------------------------------------------------------------------------------
 
 constexpr int kItems = 16;
 constexpr int64_t kChunk = int64_t{kThreads} * kItems;
@@ -519,11 +272,6 @@ KDOutputs kd_fused_cuda(const at::Tensor& student, const at::Tensor& teacher, do
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(ofdkern, CUDA, m) {
-  m.impl("attention_map", &attention_map_cuda);
-  m.impl("attention_map_backward", &attention_map_backward_cuda);
-  m.impl("attention_transfer_maps", &attention_transfer_maps_cuda);
-  m.impl("kd_fused", &kd_fused_cuda);
-}
+TORCH_LIBRARY_IMPL(ofdkern, CUDA, m) { m.impl("kd_fused", &kd_fused_cuda); }
 
 }  // namespace ofdkern

@@ -1,17 +1,17 @@
-// CPU ops of the fused FRSKD losses: argument checks and allocation (frskd_fused.h), and the choice of the
-// instruction-set variant of the vectorized kernels (frskd_cpu.h).
+// CPU ops of attention transfer: argument checks and allocation (attention_transfer_fused.h), and the choice of
+// the instruction-set variant of the vectorized kernels (attention_transfer_cpu.h).
 #include <torch/library.h>
 
+#include "attention_transfer_cpu.h"
+#include "attention_transfer_fused.h"
 #include "cpu_buffers.h"
-#include "frskd_cpu.h"
-#include "frskd_fused.h"
 
 namespace ofdkern {
 namespace {
 
 at::Tensor attention_map_cpu(const at::Tensor& feature, double p) {
   at::Tensor map = allocate_attention_map(feature, p);
-  if (map.numel() != 0) kFrskdCpuKernels_here().attention_map(attention_walkable(feature), p, map);
+  if (map.numel() != 0) kAttentionTransferCpuKernels_here().attention_map(attention_walkable(feature), p, map);
   return map;
 }
 
@@ -20,11 +20,11 @@ at::Tensor attention_map_backward_cpu(const at::Tensor& feature, const at::Tenso
   if (grad.numel() == 0) return grad;
   const at::Tensor source = attention_walkable(feature);
   if (source.is_same(feature)) {
-    kFrskdCpuKernels_here().attention_map_backward(feature, grad_map, p, grad);
+    kAttentionTransferCpuKernels_here().attention_map_backward(feature, grad_map, p, grad);
   } else {
     // A dense layout the kernels do not walk (e.g. batch innermost): compute contiguously, then lay out.
     const at::Tensor contiguous_grad = at::empty_like(source);
-    kFrskdCpuKernels_here().attention_map_backward(source, grad_map, p, contiguous_grad);
+    kAttentionTransferCpuKernels_here().attention_map_backward(source, grad_map, p, contiguous_grad);
     grad.copy_(contiguous_grad);
   }
   return grad;
@@ -33,18 +33,9 @@ at::Tensor attention_map_backward_cpu(const at::Tensor& feature, const at::Tenso
 AttentionMapsOutputs attention_transfer_maps_cpu(const at::Tensor& map_student, const at::Tensor& map_teacher,
                                                  bool grad_student, bool grad_teacher) {
   auto outputs = allocate_attention_maps_outputs(map_student, map_teacher, grad_student, grad_teacher);
-  if (map_student.size(0) != 0) kFrskdCpuKernels_here().attention_transfer_maps(map_student, map_teacher, outputs);
-  return outputs;
-}
-
-KDOutputs kd_fused_cpu(const at::Tensor& student, const at::Tensor& teacher, double temperature, bool grad_student,
-                       bool grad_teacher) {
-  auto outputs = allocate_kd_outputs(student, teacher, temperature, grad_student, grad_teacher,
-                                     empty_like_hugepage);
-  if (student.size(0) == 0) return outputs;
-  // No classes: KL over nothing is 0, as the reference's sum.
-  if (student.size(1) == 0) std::get<0>(outputs).zero_();
-  else kFrskdCpuKernels_here().kd(student, teacher, temperature, outputs);
+  if (map_student.size(0) != 0) {
+    kAttentionTransferCpuKernels_here().attention_transfer_maps(map_student, map_teacher, outputs);
+  }
   return outputs;
 }
 
@@ -54,7 +45,6 @@ TORCH_LIBRARY_IMPL(ofdkern, CPU, m) {
   m.impl("attention_map", &attention_map_cpu);
   m.impl("attention_map_backward", &attention_map_backward_cpu);
   m.impl("attention_transfer_maps", &attention_transfer_maps_cpu);
-  m.impl("kd_fused", &kd_fused_cpu);
 }
 
 }  // namespace ofdkern
