@@ -68,14 +68,14 @@ except ImportError as error:  # pragma: no cover - exercised only without torchd
 from ..margins import DataMarginEstimator, margin_from_bn
 from ..frskd import SelfTeacher
 from ..modules import ChannelAlign, Connector
-from ..ops import attention_transfer_loss, channel_align_loss, kd_loss, ofd_loss
+from ..ops import attention_transfer_loss, channel_align_loss, cwd_loss, kd_loss, ofd_loss
 from ..taps import HookedTaps, Tap, find_stages, tap_channels, tap_from_name
 
-__all__ = ["AttentionTransferLoss", "ChannelAlignFeatureLoss", "FeatureTaps", "LOSS_KEYS", "OFDFeatureLoss",
-           "SoftTargetKDLoss", "WRAPPER_KEY"]
+__all__ = ["AttentionTransferLoss", "ChannelAlignFeatureLoss", "ChannelWiseDistillationLoss", "FeatureTaps",
+           "LOSS_KEYS", "OFDFeatureLoss", "SoftTargetKDLoss", "WRAPPER_KEY"]
 
 WRAPPER_KEY = "ofdkern.FeatureTaps"
-LOSS_KEYS = ("ofdkern.OFDLoss", "ofdkern.ChannelAlignLoss", "ofdkern.ATLoss", "ofdkern.KDLoss")
+LOSS_KEYS = ("ofdkern.OFDLoss", "ofdkern.ChannelAlignLoss", "ofdkern.ATLoss", "ofdkern.KDLoss", "ofdkern.CWDLoss")
 
 
 # -- the wrapper -----------------------------------------------------------------------------------------------
@@ -382,8 +382,31 @@ class ChannelAlignFeatureLoss(nn.Module):
         return total
 
 
+class _FeaturePairLoss(nn.Module):
+    """A fused loss summed over weighted (student, teacher) pairs that torchdistill's hooks recorded: the
+    subclass names its registry ``key`` (for errors) and computes ``pair_loss`` (the teacher's side detached)."""
+
+    key: str
+
+    def __init__(self, feature_pairs: dict):
+        super().__init__()
+        self.pairs = _pairs(feature_pairs, self.key)
+
+    def pair_loss(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, student_io_dict, teacher_io_dict, *_args, **_kwargs):
+        io_dicts = (student_io_dict, teacher_io_dict)
+        total = 0.0
+        for _name, pair in self.pairs:
+            student = _io_value(io_dicts, pair["student"], "student", self.key)
+            teacher = _io_value(io_dicts, pair["teacher"], "teacher", self.key).detach()
+            total = total + float(pair.get("weight", 1.0)) * self.pair_loss(student, teacher)
+        return total
+
+
 @register_mid_level_loss(key="ofdkern.ATLoss")
-class AttentionTransferLoss(nn.Module):
+class AttentionTransferLoss(_FeaturePairLoss):
     """Attention transfer as in FRSKD over feature pairs: ``sum_i w_i * attention_transfer_loss(s_i, t_i)``,
     ``mean((AT(s) - AT(t))^2)`` with ``AT(f) = normalize(mean_c(f^p))``.
 
@@ -395,21 +418,41 @@ class AttentionTransferLoss(nn.Module):
         backend: the ``attention_transfer_loss`` backend.
     """
 
+    key = "ofdkern.ATLoss"
+
     def __init__(self, feature_pairs: dict, p: float = 2, reduction: str = "mean", backend: str = "auto",
                  **_kwargs):
-        super().__init__()
-        self.pairs = _pairs(feature_pairs, "ofdkern.ATLoss")
+        super().__init__(feature_pairs)
         self.p, self.reduction, self.backend = p, reduction, backend
 
-    def forward(self, student_io_dict, teacher_io_dict, *_args, **_kwargs):
-        io_dicts = (student_io_dict, teacher_io_dict)
-        total = 0.0
-        for _name, pair in self.pairs:
-            student = _io_value(io_dicts, pair["student"], "student", "ofdkern.ATLoss")
-            teacher = _io_value(io_dicts, pair["teacher"], "teacher", "ofdkern.ATLoss").detach()
-            total = total + float(pair.get("weight", 1.0)) * attention_transfer_loss(
-                student, teacher, p=self.p, reduction=self.reduction, backend=self.backend)
-        return total
+    def pair_loss(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        return attention_transfer_loss(student, teacher, p=self.p, reduction=self.reduction, backend=self.backend)
+
+
+@register_mid_level_loss(key="ofdkern.CWDLoss")
+class ChannelWiseDistillationLoss(_FeaturePairLoss):
+    """Channel-wise distillation (Shu et al., ICCV 2021) over map pairs: ``sum_i w_i * cwd_loss(s_i, t_i)``, per
+    channel ``T^2 * KL(softmax(t_c / T) || softmax(s_c / T))`` over positions, summed over channels and samples
+    and divided by N * C (mmrazor's ``ChannelWiseDivergence``; its ``loss_weight`` is the pair's weight).
+
+    Args:
+        feature_pairs: ``{name: {"student": {path, io}, "teacher": {path, io}, "weight": w}}`` (weight
+            default 1): logit maps (segmentation) or feature maps (an FPN level) of one shape per pair.
+        temperature: T (mmrazor's tau; 1 in its segmentation and detection configs).
+        reduction: "mean" (mmrazor's), "batchmean" or "sum".
+        backend: the ``cwd_loss`` backend.
+    """
+
+    key = "ofdkern.CWDLoss"
+
+    def __init__(self, feature_pairs: dict, temperature: float = 1.0, reduction: str = "mean",
+                 backend: str = "auto", **_kwargs):
+        super().__init__(feature_pairs)
+        self.temperature, self.reduction, self.backend = temperature, reduction, backend
+
+    def pair_loss(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        return cwd_loss(student, teacher, temperature=self.temperature, reduction=self.reduction,
+                        backend=self.backend)
 
 
 @register_mid_level_loss(key="ofdkern.KDLoss")
@@ -436,41 +479,3 @@ class SoftTargetKDLoss(nn.Module):
         student = _io_value(io_dicts, self.student, "student", "ofdkern.KDLoss")
         teacher = _io_value(io_dicts, self.teacher, "teacher", "ofdkern.KDLoss").detach()
         return kd_loss(student, teacher, temperature=self.temperature, reduction=self.reduction, backend=self.backend)
-
-
-# -- channel-wise distillation ---------------------------------------------------------------------------------
-
-from ..ops import cwd_loss  # noqa: E402  (kept with its loss: one block per fused op)
-
-LOSS_KEYS = (*LOSS_KEYS, "ofdkern.CWDLoss")
-__all__ += ["ChannelWiseDistillationLoss"]
-
-
-@register_mid_level_loss(key="ofdkern.CWDLoss")
-class ChannelWiseDistillationLoss(nn.Module):
-    """Channel-wise distillation (Shu et al., ICCV 2021) over map pairs: ``sum_i w_i * cwd_loss(s_i, t_i)``, per
-    channel ``T^2 * KL(softmax(t_c / T) || softmax(s_c / T))`` over positions, summed over channels and samples
-    and divided by N * C (mmrazor's ``ChannelWiseDivergence``; its ``loss_weight`` is the pair's weight).
-
-    Args:
-        feature_pairs: ``{name: {"student": {path, io}, "teacher": {path, io}, "weight": w}}`` (weight
-            default 1): logit maps (segmentation) or feature maps (an FPN level) of one shape per pair.
-        temperature: T (mmrazor's tau; 1 in its segmentation and detection configs).
-        reduction: "mean" (mmrazor's), "batchmean" or "sum".
-        backend: the ``cwd_loss`` backend.
-    """
-
-    def __init__(self, feature_pairs: dict, temperature: float = 1.0, reduction: str = "mean",
-                 backend: str = "auto", **_kwargs):
-        super().__init__()
-        self.pairs = _pairs(feature_pairs, "ofdkern.CWDLoss")
-        self.temperature, self.reduction, self.backend = temperature, reduction, backend
-
-    def forward(self, student_io_dict, teacher_io_dict, *_args, **_kwargs):
-        total = 0.0
-        for _name, pair in self.pairs:
-            student = _io_value(student_io_dict, pair["student"], "student", "ofdkern.CWDLoss")
-            teacher = _io_value(teacher_io_dict, pair["teacher"], "teacher", "ofdkern.CWDLoss").detach()
-            total = total + float(pair.get("weight", 1.0)) * cwd_loss(
-                student, teacher, temperature=self.temperature, reduction=self.reduction, backend=self.backend)
-        return total
