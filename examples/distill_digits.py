@@ -82,10 +82,11 @@ class BasicBlock(nn.Module):
         return self.relu(out)
 
 
-class ResNet(nn.Module):
-    """A CIFAR-style ResNet: 3x3 stem, one ``layer`` per width (stride 2 from the second on), average pool."""
+class ResNetTrunk(nn.Module):
+    """A CIFAR-style residual trunk on one-channel images: 3x3 stem (``conv1``, ``bn1``, ``relu``), then one stage
+    of ``blocks`` BasicBlocks per width in ``layers`` (stride 2 from the second stage on)."""
 
-    def __init__(self, widths: tuple[int, ...], blocks: int, classes: int = 10):
+    def __init__(self, widths: tuple[int, ...], blocks: int):
         super().__init__()
         self.conv1 = nn.Conv2d(1, widths[0], 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
@@ -97,7 +98,14 @@ class ResNet(nn.Module):
                                           for i in range(blocks))))
             in_channels = width
         self.layers = nn.Sequential(*stages)
-        self.fc = nn.Linear(in_channels, classes)
+
+
+class ResNet(ResNetTrunk):
+    """The trunk, then average pooling and a linear classifier."""
+
+    def __init__(self, widths: tuple[int, ...], blocks: int, classes: int = 10):
+        super().__init__(widths, blocks)
+        self.fc = nn.Linear(widths[-1], classes)
 
     def forward(self, x):
         x = self.layers(self.relu(self.bn1(self.conv1(x))))

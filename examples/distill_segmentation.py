@@ -37,28 +37,18 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from distill_digits import BasicBlock, load_digits
+from distill_digits import ResNetTrunk, load_digits, mean_std
 from ofdkern import ChannelAlignDistiller, OFDDistiller
 
 CLASSES = 11  # background and the ten digits
 
 
-class Segmenter(nn.Module):
-    """A small FCN: 3x3 stem, one stage of BasicBlocks per width (stride 2 from the second), and a head that adds
-    the deepest stage's class scores, upsampled, to the first stage's."""
+class Segmenter(ResNetTrunk):
+    """A small FCN: the digits example's residual trunk, and a head that adds the deepest stage's class scores,
+    upsampled, to the first stage's."""
 
     def __init__(self, widths: tuple[int, ...], blocks: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, widths[0], 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(widths[0])
-        self.relu = nn.ReLU(inplace=True)
-        stages, in_channels = [], widths[0]
-        for index, width in enumerate(widths):
-            stride = 1 if index == 0 else 2
-            stages.append(nn.Sequential(*(BasicBlock(in_channels if i == 0 else width, width, stride if i == 0 else 1)
-                                          for i in range(blocks))))
-            in_channels = width
-        self.layers = nn.Sequential(*stages)
+        super().__init__(widths, blocks)
         self.fine_head = nn.Conv2d(widths[0], CLASSES, 1)
         self.coarse_head = nn.Conv2d(widths[-1], CLASSES, 1)
 
@@ -134,11 +124,6 @@ def train(model, labeled, steps, args, seed, progress, distiller=None, unlabeled
         schedule.step()
         progress.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
         progress.update()
-
-
-def mean_std(values: list[float]) -> str:
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{100 * statistics.mean(values):.2f} ± {100 * std:.2f}"
 
 
 def main():

@@ -82,7 +82,37 @@ def _stage_channels(model, source, example_input, role) -> list[int]:
     return [f.shape[1] for f in features]
 
 
-class OFDDistiller(nn.Module):
+class _TeacherStudent(nn.Module):
+    """What the teacher-student distillers share: both models' stage features from one forward, and the stage
+    count checked."""
+
+    @property
+    def teacher_taps(self):
+        """The teacher's taps: ``Tap``s / ``BlockTap``s (a ``BlockTap`` becomes the ``Tap`` that reads it after the
+        first forward), or the model convention / callable."""
+        return self._teacher_source.taps
+
+    @property
+    def student_taps(self):
+        return self._student_source.taps
+
+    def _features(self, *args, **kwargs):
+        with torch.no_grad():
+            teacher_features, _ = self._teacher_source.run(self.teacher, *args, **kwargs)
+        student_features, output = self._student_source.run(self.student, *args, **kwargs)
+        return teacher_features, student_features, output
+
+    def _stage_shapes(self, teacher_features, student_features):
+        """(teacher shape, student shape) per stage, and their description for an error; raises unless both
+        sides have ``num_stages`` stages."""
+        teacher_shapes, student_shapes = _shapes(teacher_features), _shapes(student_features)
+        found = f"teacher stage shapes {teacher_shapes}, student stage shapes {student_shapes}"
+        if len(teacher_shapes) != self.num_stages or len(student_shapes) != self.num_stages:
+            raise ValueError(f"expected {self.num_stages} stages on both sides, got {found}")
+        return list(zip(teacher_shapes, student_shapes)), found
+
+
+class OFDDistiller(_TeacherStudent):
     """Teacher/student wiring of OFD: ``forward(*inputs)`` returns ``(student_output, distill_loss)``; train with
     ``task_loss(student_output, y) + distill_loss`` (a detection model in training returns its loss dict).
 
@@ -227,16 +257,6 @@ class OFDDistiller(nn.Module):
                     module.train()
         return self
 
-    @property
-    def teacher_taps(self):
-        """The teacher's taps: ``Tap``s / ``BlockTap``s (a ``BlockTap`` becomes the ``Tap`` that reads it after the
-        first forward), or the model convention / callable."""
-        return self._teacher_source.taps
-
-    @property
-    def student_taps(self):
-        return self._student_source.taps
-
     @staticmethod
     def _note_loaded_margins(module: "OFDDistiller", state_dict, prefix, *_args) -> None:
         """Margins are ready after a load only if it carries every stage's margin, all calibrated (finite)."""
@@ -281,18 +301,9 @@ class OFDDistiller(nn.Module):
 
     # -- forward ---------------------------------------------------------------------------------------------
 
-    def _features(self, *args, **kwargs):
-        with torch.no_grad():
-            teacher_features, _ = self._teacher_source.run(self.teacher, *args, **kwargs)
-        student_features, output = self._student_source.run(self.student, *args, **kwargs)
-        return teacher_features, student_features, output
-
     def _check_shapes(self, teacher_features, student_features) -> None:
-        teacher_shapes, student_shapes = _shapes(teacher_features), _shapes(student_features)
-        found = f"teacher stage shapes {teacher_shapes}, student stage shapes {student_shapes}"
-        if len(teacher_shapes) != self.num_stages or len(student_shapes) != self.num_stages:
-            raise ValueError(f"expected {self.num_stages} stages on both sides, got {found}")
-        for stage, (t, s) in enumerate(zip(teacher_shapes, student_shapes)):
+        stages, found = self._stage_shapes(teacher_features, student_features)
+        for stage, (t, s) in enumerate(stages):
             if len(t) != len(s) or t[0] != s[0] or t[2:] != s[2:]:
                 raise ValueError(f"stage {stage}: teacher and student features must have the same batch and "
                                  f"spatial sizes, got {found}")
@@ -330,7 +341,7 @@ def _resized_to(student: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     return F.interpolate(student, size=tuple(size), mode="bilinear", align_corners=False)
 
 
-class ChannelAlignDistiller(nn.Module):
+class ChannelAlignDistiller(_TeacherStudent):
     """Channel-wise transformation distillation (Liu et al., ICCVW 2023) between a teacher and a student:
     ``forward(*inputs)`` returns ``(student_output, distill_loss)``; train with ``task_loss + distill_loss``.
 
@@ -410,26 +421,9 @@ class ChannelAlignDistiller(nn.Module):
         self.teacher.eval()
         return self
 
-    @property
-    def teacher_taps(self):
-        return self._teacher_source.taps
-
-    @property
-    def student_taps(self):
-        return self._student_source.taps
-
-    def _features(self, *args, **kwargs):
-        with torch.no_grad():
-            teacher_features, _ = self._teacher_source.run(self.teacher, *args, **kwargs)
-        student_features, output = self._student_source.run(self.student, *args, **kwargs)
-        return teacher_features, student_features, output
-
     def _check_shapes(self, teacher_features, student_features) -> None:
-        teacher_shapes, student_shapes = _shapes(teacher_features), _shapes(student_features)
-        found = f"teacher stage shapes {teacher_shapes}, student stage shapes {student_shapes}"
-        if len(teacher_shapes) != self.num_stages or len(student_shapes) != self.num_stages:
-            raise ValueError(f"expected {self.num_stages} stages on both sides, got {found}")
-        for stage, (t, s) in enumerate(zip(teacher_shapes, student_shapes)):
+        stages, found = self._stage_shapes(teacher_features, student_features)
+        for stage, (t, s) in enumerate(stages):
             if len(t) != 4 or len(s) != 4 or t[0] != s[0]:
                 raise ValueError(f"stage {stage}: teacher and student features must be (N, C, H, W) with the same "
                                  f"batch, got {found}")
