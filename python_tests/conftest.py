@@ -50,3 +50,13 @@ def assert_same_bits_with_one_thread(run):
 
 def pytest_report_header(config):
     return [f"ofdkern backends: " + ", ".join(f"{n}={e['devices']}" for n, e in STATUS.items())]
+
+
+# The tests that take minutes when their caches are cold (every Triton kernel compiled for sm_90/sm_80, the
+# CUDA emulation under AddressSanitizer): started first, so that on a fresh machine one pytest-xdist worker
+# runs them while the other takes the rest, instead of both waiting on them at the end.
+LONG_WHEN_COLD = ("test_every_triton_kernel_compiles_for_gpus", "test_cuda_kernels_under_address_sanitizer")
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: item.originalname not in LONG_WHEN_COLD)

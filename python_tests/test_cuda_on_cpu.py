@@ -26,8 +26,10 @@ from loss_checks import attention_gradient_errors
 from op_cases import ALIGN, ALIGN_OFD, ATTENTION, CASES, CWD, FLOAT_DTYPES, KD, OFD
 from parity import assert_parity
 
-pytestmark = pytest.mark.skipif(not STATUS["cpu"]["built"],
-                                reason="builds with the C++ toolchain that built ofdkern's CPU kernels")
+pytestmark = [pytest.mark.skipif(not STATUS["cpu"]["built"],
+                                 reason="builds with the C++ toolchain that built ofdkern's CPU kernels"),
+              # One pytest-xdist worker builds and loads the emulated kernels once (--dist loadgroup).
+              pytest.mark.xdist_group("cuda_on_cpu")]
 
 
 @pytest.fixture(scope="module")
