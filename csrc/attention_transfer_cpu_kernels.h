@@ -15,8 +15,6 @@ namespace {
 constexpr int64_t kPositionTile = 1024;
 // Tiles of at most this many vectors of positions keep their sums in registers over all the channels.
 constexpr int kMapRegisterVectors = 8;
-// Bytes per cache line.
-constexpr uintptr_t kCacheLine = 64;
 // Positions per task when channels are innermost.
 constexpr int64_t kChannelsInnerTile = 16;
 
@@ -38,6 +36,20 @@ void for_position_tiles(const FeatureGeometry& g, int64_t tile, Visit&& visit) {
 // order depends on the channel count alone, so the bits do not depend on threads or schedule.
 constexpr int64_t kChannelLeaf = 8;
 
+// How far ahead of the channel row being summed the map kernels ask for rows (bytes): rows of a few positions
+// are read as one stream per thread, which the hardware prefetcher alone leaves at about half the bandwidth
+// of the several streams of an elementwise op.
+constexpr int64_t kPrefetchAheadBytes = 4096;
+
+// Asks for the row `ahead` rows past `row` (one request per cache line of its `bytes`) when it is in the map.
+template <typename scalar_t>
+OFDKERN_INLINE_VEC void prefetch_row_ahead(const scalar_t* row, int64_t c, int64_t ahead, int64_t channels,
+                                           int64_t channel_stride, int64_t bytes) {
+  if (c + ahead >= channels) return;
+  const char* next = reinterpret_cast<const char*>(row + ahead * channel_stride);
+  for (int64_t line = 0; line < bytes; line += kCacheLine) __builtin_prefetch(next + line, 0, 3);
+}
+
 // sums[0, n) = sum_c f^p over `channels` rows channel_stride apart from f, for n positions in K vectors (the
 // last one last_lanes wide): a leaf in K vector registers, the leaves' total in float64.
 template <int K, int kExponent, typename scalar_t>
@@ -47,6 +59,8 @@ void channel_power_sums(const scalar_t* f, int64_t channel_stride, int64_t chann
   using Vec = Vectorized<acc_t>;
   constexpr int64_t width = Vec::size();
   const auto lanes = [&](int k) { return k == K - 1 ? last_lanes : width; };
+  const int64_t row_bytes = ((K - 1) * width + last_lanes) * int64_t{sizeof(scalar_t)};
+  const int64_t ahead = std::max<int64_t>(1, kPrefetchAheadBytes / (channel_stride * int64_t{sizeof(scalar_t)}));
   acc_t leaf[K * width];
   double total[K * width] = {};
   for (int64_t first = 0; first < channels; first += kChannelLeaf) {
@@ -54,6 +68,7 @@ void channel_power_sums(const scalar_t* f, int64_t channel_stride, int64_t chann
     for (int k = 0; k < K; ++k) acc[k] = Vec(acc_t(0));
     for (int64_t c = first; c < std::min(channels, first + kChannelLeaf); ++c) {
       const scalar_t* row = f + c * channel_stride;
+      prefetch_row_ahead(row, c, ahead, channels, channel_stride, row_bytes);
       for (int k = 0; k < K; ++k) {
         acc[k] += attention_power<VecMath<acc_t>, kExponent>(load_widened(row + k * width, lanes(k)), exponent);
       }
@@ -159,13 +174,15 @@ void attention_map_backward_typed(const at::Tensor& feature, const at::Tensor& g
   const Vec exponent(static_cast<acc_t>(p));
   const double channels = static_cast<double>(g.channels);
   // n (<= step) elements of f's gradient from those at x and their factors grad_map / C.
-  const auto pair_grad = [&](const scalar_t* x, const VectorPair<acc_t>& grad_mean, int64_t n, scalar_t* y) {
+  const auto pair_grad_of = [&](const scalar_t* x, const VectorPair<acc_t>& grad_mean, int64_t n) {
     const VectorPair<acc_t> v = load_pair(x, n);
-    store_pair(y,
-               {grad_mean.low * attention_power_grad<M, kExponent>(v.low, exponent),
-                grad_mean.high * attention_power_grad<M, kExponent>(v.high, exponent)},
-               n);
+    return VectorPair<acc_t>{grad_mean.low * attention_power_grad<M, kExponent>(v.low, exponent),
+                             grad_mean.high * attention_power_grad<M, kExponent>(v.high, exponent)};
   };
+  const auto pair_grad = [&](const scalar_t* x, const VectorPair<acc_t>& grad_mean, int64_t n, scalar_t* y) {
+    store_pair(y, pair_grad_of(x, grad_mean, n), n);
+  };
+  const bool streaming = grad.nbytes() >= kStreamingStoreBytes;
 
   if (attention_positions_inner(feature)) {
     for_position_tiles(g, kPositionTile, [&](int64_t n, int64_t j0, int64_t j1) {
@@ -185,18 +202,25 @@ void attention_map_backward_typed(const at::Tensor& feature, const at::Tensor& g
         const int64_t offset = n * g.batch_stride + c * g.channel_stride + j0;
         // A first step up to the gradient's next cache line: the steps after it store whole lines (a store
         // split over two lines costs twice).
-        const auto misalignment = reinterpret_cast<uintptr_t>(out + offset) % kCacheLine;
-        int64_t e = std::min<int64_t>(run, (kCacheLine - misalignment) % kCacheLine / sizeof(scalar_t));
+        const auto misalignment = static_cast<int64_t>(reinterpret_cast<uintptr_t>(out + offset) % kCacheLine);
+        int64_t e = std::min<int64_t>(run, (kCacheLine - misalignment) % kCacheLine / int64_t{sizeof(scalar_t)});
         if (e > 0) pair_grad(f + offset, load_pair(grad_mean, e), e, out + offset);
-        // Whole steps (their width known to the compiler), then the rest.
+        // Whole steps (their width known to the compiler; line-aligned, so streamed when the gradient is
+        // large), then the rest.
         int64_t phase = e % len;
         for (; e + step <= run; e += step) {
-          pair_grad(f + offset + e, load_pair(grad_mean + phase, step), step, out + offset + e);
+          const VectorPair<acc_t> gradient = pair_grad_of(f + offset + e, load_pair(grad_mean + phase, step), step);
+          if (streaming) {
+            stream_pair(out + offset + e, gradient);
+          } else {
+            store_pair(out + offset + e, gradient, step);
+          }
           phase += step_phase;
           if (phase >= len) phase -= len;
         }
         if (e < run) pair_grad(f + offset + e, load_pair(grad_mean + phase, run - e), run - e, out + offset + e);
       }
+      if (streaming) stream_fence();
     });
   } else {
     for_position_tiles(g, kChannelsInnerTile, [&](int64_t n, int64_t j0, int64_t j1) {

@@ -20,7 +20,10 @@ AttentionMapsOutputs attention_transfer_forward(const at::Tensor& student, const
                                .findSchemaOrThrow("ofdkern::attention_transfer_maps", "")
                                .typed<AttentionMapsOutputs(const at::Tensor&, const at::Tensor&, bool, bool)>();
   check_attention_transfer_features(student, teacher);
-  const at::Tensor map_student = attention_map.call(student, p), map_teacher = attention_map.call(teacher, p);
+  // The teacher's map first: the student's feature, which the backward reads again, is then the one read last
+  // (still in the last-level cache when it fits there).
+  const at::Tensor map_teacher = attention_map.call(teacher, p);
+  const at::Tensor map_student = attention_map.call(student, p);
   // The maps' math in their promoted dtype (float64 if either feature is), each gradient in its map's dtype.
   const auto dtype = at::promote_types(map_student.scalar_type(), map_teacher.scalar_type());
   const auto [row_loss, grad_student, grad_teacher] =

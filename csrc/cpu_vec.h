@@ -30,6 +30,13 @@ using at::vec::Vectorized;
 template <typename acc_t>
 constexpr int64_t kWidth = Vectorized<acc_t>::size();
 
+// On the vector helpers of innermost loops: GCC keeps some out of line (a call per vector), and a loop that
+// calls cannot keep its accumulators in registers.
+#define OFDKERN_INLINE_VEC inline __attribute__((always_inline))
+
+// Bytes per cache line.
+constexpr int64_t kCacheLine = 64;
+
 // The vector policy of the per-element math headers (math_policy.h); pow is Sleef's, through at::vec.
 template <typename acc_t>
 struct VecMath {
@@ -51,7 +58,7 @@ Vectorized<acc_t> load_lanes(const acc_t* data, int64_t n, acc_t fill) {
 
 // v with the lanes from n on zeroed (n = width: all of v).
 template <typename acc_t>
-Vectorized<acc_t> first_lanes(const Vectorized<acc_t>& v, int64_t n) {
+OFDKERN_INLINE_VEC Vectorized<acc_t> first_lanes(const Vectorized<acc_t>& v, int64_t n) {
   using Vec = Vectorized<acc_t>;
   return n == Vec::size() ? v : Vec::set(Vec(acc_t(0)), v, n);
 }
@@ -71,7 +78,7 @@ acc_t lane_sum(const Vectorized<acc_t>& v) {
 // widened one accumulation vector (half a Half vector) at a time, so rows shorter than a Half vector (a 4x4
 // map's 16 positions) convert in vectors too.
 template <typename scalar_t>
-Vectorized<accumulation_t<scalar_t>> load_widened(const scalar_t* src, int64_t n) {
+OFDKERN_INLINE_VEC Vectorized<accumulation_t<scalar_t>> load_widened(const scalar_t* src, int64_t n) {
   using acc_t = accumulation_t<scalar_t>;
   using Vec = Vectorized<acc_t>;
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
@@ -98,7 +105,7 @@ constexpr int64_t kPairWidth = 2 * kWidth<acc_t>;
 
 // n (1 <= n <= 2 width) elements at src in the accumulation type, the lanes from n on 0.
 template <typename scalar_t>
-VectorPair<accumulation_t<scalar_t>> load_pair(const scalar_t* src, int64_t n) {
+OFDKERN_INLINE_VEC VectorPair<accumulation_t<scalar_t>> load_pair(const scalar_t* src, int64_t n) {
   using acc_t = accumulation_t<scalar_t>;
   constexpr int64_t width = kWidth<acc_t>;
   return {load_widened(src, std::min(n, width)),
@@ -107,7 +114,7 @@ VectorPair<accumulation_t<scalar_t>> load_pair(const scalar_t* src, int64_t n) {
 
 // v with the lanes from n on zeroed (n >= 2 width: all of v).
 template <typename acc_t>
-VectorPair<acc_t> first_lanes(const VectorPair<acc_t>& v, int64_t n) {
+OFDKERN_INLINE_VEC VectorPair<acc_t> first_lanes(const VectorPair<acc_t>& v, int64_t n) {
   constexpr int64_t width = kWidth<acc_t>;
   return {first_lanes(v.low, std::min(n, width)),
           n > width ? first_lanes(v.high, std::min(n - width, width)) : Vectorized<acc_t>(acc_t(0))};
@@ -127,10 +134,59 @@ void store_pair(scalar_t* dst, const VectorPair<accumulation_t<scalar_t>>& v, in
   }
 }
 
+// Whether an output of this many bytes is written with stream_pair: far larger than the caches, so that a
+// store that first reads its line would cost a third more memory traffic than it writes.
+constexpr int64_t kStreamingStoreBytes = int64_t{16} << 20;
+
+// Stores a whole VectorPair (kPairWidth elements) at dst, which is cache-line aligned, rounded to scalar_t; with
+// AVX2 or AVX-512 past the caches (a streaming store, which writes without reading the line first). A thread
+// that streamed calls stream_fence() before its stores may be read.
+template <typename scalar_t>
+OFDKERN_INLINE_VEC void stream_pair(scalar_t* dst, const VectorPair<accumulation_t<scalar_t>>& v) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>) {
+    constexpr int64_t width = kWidth<scalar_t>;
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      _mm512_stream_ps(dst, v.low);
+      _mm512_stream_ps(dst + width, v.high);
+    } else {
+      _mm512_stream_pd(dst, v.low);
+      _mm512_stream_pd(dst + width, v.high);
+    }
+#else
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      _mm256_stream_ps(dst, v.low);
+      _mm256_stream_ps(dst + width, v.high);
+    } else {
+      _mm256_stream_pd(dst, v.low);
+      _mm256_stream_pd(dst + width, v.high);
+    }
+#endif
+  } else {
+    const auto narrowed = at::vec::convert_from_float<scalar_t>(v.low, v.high);
+#if defined(CPU_CAPABILITY_AVX512)
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(dst), narrowed);
+#else
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(dst), narrowed);
+#endif
+  }
+#else
+  store_pair(dst, v, kPairWidth<accumulation_t<scalar_t>>);
+#endif
+}
+
+// Orders a thread's streaming stores before its later stores (the end of a parallel task).
+inline void stream_fence() {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  _mm_sfence();
+#endif
+}
+
 // load_pair into vectors of acc_t, which need not be scalar_t's accumulation type (a float32 teacher of a
 // float64 computation): then element by element.
 template <typename acc_t, typename scalar_t>
-VectorPair<acc_t> load_pair_as(const scalar_t* src, int64_t n) {
+OFDKERN_INLINE_VEC VectorPair<acc_t> load_pair_as(const scalar_t* src, int64_t n) {
   if constexpr (std::is_same_v<accumulation_t<scalar_t>, acc_t>) {
     return load_pair(src, n);
   } else {

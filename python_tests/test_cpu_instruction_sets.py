@@ -56,6 +56,17 @@ for layout in (torch.contiguous_format, torch.channels_last):
         tol = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float64: 1e-13}[dtype]
         worst = max(worst, abs(got.item() - want.item()) / want.item() / tol,
                     ((grad.double() - want_grad).abs().max() / want_grad.abs().max()).item() / tol)
+# Attention-map gradients of 16 MiB and more are written with streaming stores (stream_pair, csrc/cpu_vec.h):
+# every sample's equals the one computed for a few samples (below that size, plain stores), at unaligned
+# sample starts (49 positions) and one dtype of each store width.
+for dtype, batch in ((torch.float32, 44), (torch.bfloat16, 86), (torch.float64, 22)):
+    feature = torch.randn(batch, 2048, 49, generator=gen).to(dtype)
+    grad_map = torch.randn(batch, 49, generator=gen, dtype=torch.float64)
+    streamed = torch.ops.ofdkern.attention_map_backward(feature, grad_map, 3.0)
+    stored = torch.ops.ofdkern.attention_map_backward(feature[1:4], grad_map[1:4], 3.0)
+    assert streamed.nbytes >= 16 << 20 > stored.nbytes, (streamed.nbytes, stored.nbytes)
+    assert torch.equal(streamed[1:4], stored), dtype
+    assert torch.equal(streamed[-1:], torch.ops.ofdkern.attention_map_backward(feature[-1:], grad_map[-1:], 3.0))
 print(torch.backends.cpu.get_cpu_capability(), worst)
 """
 
