@@ -138,38 +138,34 @@ void store_pair(scalar_t* dst, const VectorPair<accumulation_t<scalar_t>>& v, in
 // store that first reads its line would cost a third more memory traffic than it writes.
 constexpr int64_t kStreamingStoreBytes = int64_t{16} << 20;
 
+#if defined(CPU_CAPABILITY_AVX512)
+// One vector's streaming store (at a vector-aligned dst): written without reading its line first.
+inline void stream_vector(float* dst, const Vectorized<float>& v) { _mm512_stream_ps(dst, v); }
+inline void stream_vector(double* dst, const Vectorized<double>& v) { _mm512_stream_pd(dst, v); }
+template <typename half_t>
+void stream_vector(half_t* dst, const Vectorized<half_t>& v) {
+  _mm512_stream_si512(reinterpret_cast<__m512i*>(dst), v);
+}
+#elif defined(CPU_CAPABILITY_AVX2)
+inline void stream_vector(float* dst, const Vectorized<float>& v) { _mm256_stream_ps(dst, v); }
+inline void stream_vector(double* dst, const Vectorized<double>& v) { _mm256_stream_pd(dst, v); }
+template <typename half_t>
+void stream_vector(half_t* dst, const Vectorized<half_t>& v) {
+  _mm256_stream_si256(reinterpret_cast<__m256i*>(dst), v);
+}
+#endif
+
 // Stores a whole VectorPair (kPairWidth elements) at dst, which is cache-line aligned, rounded to scalar_t; with
-// AVX2 or AVX-512 past the caches (a streaming store, which writes without reading the line first). A thread
-// that streamed calls stream_fence() before its stores may be read.
+// AVX2 or AVX-512 past the caches (streaming stores). A thread that streamed calls stream_fence() before its
+// stores may be read.
 template <typename scalar_t>
 OFDKERN_INLINE_VEC void stream_pair(scalar_t* dst, const VectorPair<accumulation_t<scalar_t>>& v) {
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-  if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>) {
-    constexpr int64_t width = kWidth<scalar_t>;
-#if defined(CPU_CAPABILITY_AVX512)
-    if constexpr (std::is_same_v<scalar_t, float>) {
-      _mm512_stream_ps(dst, v.low);
-      _mm512_stream_ps(dst + width, v.high);
-    } else {
-      _mm512_stream_pd(dst, v.low);
-      _mm512_stream_pd(dst + width, v.high);
-    }
-#else
-    if constexpr (std::is_same_v<scalar_t, float>) {
-      _mm256_stream_ps(dst, v.low);
-      _mm256_stream_ps(dst + width, v.high);
-    } else {
-      _mm256_stream_pd(dst, v.low);
-      _mm256_stream_pd(dst + width, v.high);
-    }
-#endif
+  if constexpr (std::is_same_v<scalar_t, accumulation_t<scalar_t>>) {
+    stream_vector(dst, v.low);
+    stream_vector(dst + kWidth<scalar_t>, v.high);
   } else {
-    const auto narrowed = at::vec::convert_from_float<scalar_t>(v.low, v.high);
-#if defined(CPU_CAPABILITY_AVX512)
-    _mm512_stream_si512(reinterpret_cast<__m512i*>(dst), narrowed);
-#else
-    _mm256_stream_si256(reinterpret_cast<__m256i*>(dst), narrowed);
-#endif
+    stream_vector(dst, at::vec::convert_from_float<scalar_t>(v.low, v.high));
   }
 #else
   store_pair(dst, v, kPairWidth<accumulation_t<scalar_t>>);
