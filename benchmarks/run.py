@@ -4,7 +4,9 @@ of it, every ofdkern backend and the op's floor, in time and peak memory; and a 
     python benchmarks/run.py [--op ofd,kd] [--quick] [--device cpu|cuda] [--update-readme]
 
 Writes benchmarks/results/<device>-<date>-<commit>[-quick][-<ops>].{json,md} and <stem>-<op>.png per op,
-refreshes the index benchmarks/results/INDEX.md, and prints the targets' check. Methodology: benchmarks/README.md.
+refreshes the index benchmarks/results/INDEX.md, and prints the targets' check; --quick runs go to
+benchmarks/results/quick/, which git ignores (the results folder keeps full runs). Methodology:
+benchmarks/README.md.
 """
 from __future__ import annotations
 
@@ -48,7 +50,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="torch.compile with dynamic shapes (default: one static compile per shape, the fastest)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice, recorded in the results)")
-    parser.add_argument("--out-dir", default=os.path.join(HERE, "results"))
+    parser.add_argument("--out-dir", default=None,
+                        help="where the files and their INDEX.md go (default: benchmarks/results, or "
+                             "benchmarks/results/quick for --quick, which git ignores)")
     parser.add_argument("--resume", action="store_true",
                         help="keep the cases already in today's result file of this device, mode and ops; run the rest")
     parser.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
@@ -58,6 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                              f"(a run of every op only)")
     parser.add_argument("--readme", default=os.path.join(HERE, "README.md"))
     args = parser.parse_args(argv)
+    if args.out_dir is None:
+        args.out_dir = os.path.join(HERE, "results", *(["quick"] if args.quick else []))
     try:
         args.ops = bench_ops.select(args.op)
     except ValueError as error:
