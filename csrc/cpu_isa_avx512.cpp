@@ -9,6 +9,7 @@
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
 #include "cpu_isa_sleef.h"
 #include "attention_transfer_cpu_kernels.h"
+#include "cpu_scale_kernels.h"
 #include "kd_cpu_kernels.h"
 #include "align_cpu_kernels.h"
 #include "ofd_cpu_kernels.h"

@@ -35,6 +35,7 @@
 #include "align_fused.h"
 #include "attention_transfer_cpu.h"
 #include "attention_transfer_fused.h"
+#include "cpu_scale.h"
 #include "kd_cpu.h"
 #include "kd_fused.h"
 #include "ofd_cpu.h"

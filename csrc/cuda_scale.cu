@@ -10,6 +10,7 @@
 
 #include "accumulation.h"
 #include "cuda_launch.cuh"
+#include "scale_checks.h"
 
 namespace ofdkern {
 namespace {
@@ -39,11 +40,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
 }
 
 void scale_cuda(const at::Tensor& gradient, const at::Tensor& factor) {
-  TORCH_CHECK_VALUE(gradient.is_non_overlapping_and_dense(), "scale_: gradient must be non-overlapping and dense");
-  const auto acc = accumulation_dtype(gradient.scalar_type());
-  TORCH_CHECK_VALUE(factor.dim() == 0 && factor.scalar_type() == acc && factor.device() == gradient.device(),
-              "scale_: factor must be a 0-dim ", acc, " tensor on ", gradient.device(), ", got shape ",
-              factor.sizes(), " dtype ", factor.scalar_type(), " on ", factor.device());
+  check_scale_args(gradient, factor);
   const c10::cuda::CUDAGuard device_guard(gradient.device());
   const int64_t numel = gradient.numel();
   if (numel == 0) return;

@@ -25,6 +25,6 @@ bool cpu_kernels_parallel() {
 TORCH_LIBRARY(ofdkern, m) {
   m.def("cpu_kernels_parallel() -> bool", &cpu_kernels_parallel);
   // The backward of every fused op: gradient *= factor (a 0-dim tensor in the accumulation dtype, read on
-  // the device). CUDA only: on the CPU torch's mul_ by a 0-dim tensor is already one exact, vectorized pass.
+  // the device), each element rounded once. Kernels: cpu_scale.cpp, cuda_scale.cu.
   m.def("scale_(Tensor(a!) gradient, Tensor factor) -> ()");
 }

@@ -221,7 +221,7 @@ def test_tensors_on_a_device_other_than_the_current_one(case, device, backend, d
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 def test_triton_scale_kernel_rounds_once(dtype):
     # The Triton backends scale saved gradients by grad_output with this kernel on a GPU only (CPU tensors take
-    # torch's mul_): here it runs directly, at the interpreter's blocks and at a GPU's (10,001 elements: three
+    # the extension's scale_, below): here it runs directly, at the interpreter's blocks and at a GPU's (10,001 elements: three
     # blocks of 4,096, the last partial). The factor stays in the accumulation dtype: one rounding per element.
     from ofdkern._dtypes import accumulation_dtype
     from ofdkern.kernels.scale_triton import scale_triton_
@@ -241,3 +241,34 @@ def test_triton_scale_kernel_rounds_once(dtype):
             assert torch.equal(scaled, expected)
     with pytest.raises(TypeError, match="factor must have dtype"):
         scale_triton_(gradient.clone(), factor.to(torch.float16))
+
+
+@pytest.mark.skipif("ofdkern::scale_" not in STATUS["cpu"].get("ops", ()), reason="needs the extension")
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_cpu_scale_kernel_rounds_once(dtype):
+    # Every fused CPU backward scales its saved gradient by grad_output in place with this kernel: the factor in
+    # the accumulation dtype, one rounding per element (torch's mul_ by a 0-dim tensor gives the same bits).
+    # Sizes: shorter than a vector pair, with a tail, and over the parallel grain with a partial last task.
+    from ofdkern._dtypes import accumulation_dtype
+
+    generator = torch.Generator().manual_seed(0)
+    factor = torch.tensor(1 / 3, dtype=accumulation_dtype(dtype))
+    for numel in (1, 17, 1000, 2048 * 32 * 3 + 5):
+        gradient = torch.randn(numel, generator=generator, dtype=torch.float64).to(dtype)
+        scaled = gradient.clone()
+        torch.ops.ofdkern.scale_(scaled, factor)
+        assert torch.equal(scaled, (gradient.to(factor.dtype) * factor).to(dtype)), numel
+        assert torch.equal(scaled, gradient.mul(factor)), numel
+    # A dense tensor in any dim order (a channels_last gradient), scaled where it lies.
+    maps = torch.randn(2, 5, 3, 4, generator=generator).to(dtype).to(memory_format=torch.channels_last)
+    scaled = maps.clone(memory_format=torch.preserve_format)
+    torch.ops.ofdkern.scale_(scaled, factor)
+    assert scaled.stride() == maps.stride() and torch.equal(scaled, (maps.to(factor.dtype) * factor).to(dtype))
+    torch.library.opcheck(torch.ops.ofdkern.scale_, (maps.clone(), factor))
+    wrong = torch.float32 if factor.dtype == torch.float64 else torch.float64
+    with pytest.raises(ValueError, match="factor must be a 0-dim"):
+        torch.ops.ofdkern.scale_(maps.clone(), factor.to(wrong))
+    with pytest.raises(ValueError, match="factor must be a 0-dim"):
+        torch.ops.ofdkern.scale_(maps.clone(), factor.view(1))
+    with pytest.raises(ValueError, match="non-overlapping and dense"):
+        torch.ops.ofdkern.scale_(maps.clone()[:, :, ::2], factor)
