@@ -242,6 +242,12 @@ class InputBlock {
     }
   }
 
+  // The elements of the last load(src, n), not converted again.
+  const acc_t* loaded(const scalar_t* src) const {
+    if constexpr (kConverts) return buffer_;
+    else return src;
+  }
+
  private:
   acc_t buffer_[kConverts ? kCapacity : 1];
 };

@@ -34,9 +34,12 @@ acc_t lane_max(const Vectorized<acc_t>& v) {
 }
 
 // Max and sum of e = exp((v - shift) / T) of n logits, writing each e to exps: the max first (the block is in
-// cache), then one exp per class.
+// cache), then one exp per class. The exp sweep also asks for the `ahead` bytes at `next` (the next block's
+// logits) into L2, a line per vector: alone, the max sweep would wait on memory for every line of a block
+// (a third of the whole pass at the Cityscapes shape), as the exps leave the memory bus idle.
 template <typename acc_t>
-SoftmaxStats<acc_t> softmax_stats(const acc_t* logits, int64_t n, acc_t inv_temperature, acc_t* exps) {
+SoftmaxStats<acc_t> softmax_stats(const acc_t* logits, int64_t n, acc_t inv_temperature, acc_t* exps,
+                                  const char* next, int64_t ahead) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t kWidth4 = 4 * kWidth<acc_t>;
   const acc_t minus_inf = negative_infinity<acc_t>();
@@ -53,12 +56,15 @@ SoftmaxStats<acc_t> softmax_stats(const acc_t* logits, int64_t n, acc_t inv_temp
       lane_max(at::vec::maximum(at::vec::maximum(max[0], max[1]), at::vec::maximum(max[2], max[3])));
   const Vec shift(softmax_shift(block_max)), scale(inv_temperature);
   Vec sum(acc_t(0));
-  for (i = 0; i < n; i += kWidth<acc_t>) {
+  int64_t line = 0;
+  for (i = 0; i < n; i += kWidth<acc_t>, line += kCacheLine) {
+    if (line < ahead) __builtin_prefetch(next + line, 0, 2);
     const int64_t lanes = std::min(kWidth<acc_t>, n - i);
     const Vec e = kd_scaled(Vec::loadu(logits + i, lanes), shift, scale).exp();
     sum += first_lanes(e, lanes);
     e.store(exps + i, lanes);
   }
+  for (; line < ahead; line += kCacheLine) __builtin_prefetch(next + line, 0, 2);
   return SoftmaxStats<acc_t>{block_max, lane_sum(sum)};
 }
 
@@ -185,19 +191,33 @@ void kd_typed(const at::Tensor& student, const at::Tensor& teacher, double tempe
 
   // The passes over block b of row r; e_s and e_t hold the row's e (indexed by class). Whatever thread runs
   // them and in whatever schedule, they compute the same bits.
-  const auto block_logits = [&](KDBuffers<scalar_t>& buf, int64_t r, int64_t b) {
+  // A row of one block keeps its logits in the thread's buffers from pass 1 to pass 3 (half precision is
+  // widened once); the blocks of wider rows are loaded again in each pass.
+  const bool reload = blocks > 1;
+  const auto block_logits = [&](KDBuffers<scalar_t>& buf, int64_t r, int64_t b, bool load) {
     const int64_t begin = b * kClassBlock, n = std::min(kClassBlock, classes - begin);
     const int64_t offset = r * classes + begin;
+    if (!load) {
+      return std::make_tuple(offset, n, buf.student.loaded(s_all + offset), buf.teacher.loaded(t_all + offset));
+    }
     return std::make_tuple(offset, n, buf.student.load(s_all + offset, n), buf.teacher.load(t_all + offset, n));
   };
+  // The bytes of the next block's logits, which a block's pass 1 prefetches (rows are contiguous: the next
+  // block may start the next row).
+  const int64_t numel = rows * classes;
+  const auto bytes_after = [&](int64_t end) {
+    return (std::min(end + kClassBlock, numel) - end) * int64_t{sizeof(scalar_t)};
+  };
   const auto stats_pass = [&](KDBuffers<scalar_t>& buf, int64_t r, int64_t b, acc_t* e_s, acc_t* e_t) {
-    const auto [offset, n, s, t] = block_logits(buf, r, b);
-    const int64_t begin = b * kClassBlock;
-    return KDBlockStats<acc_t>{softmax_stats(s, n, inv_temp, e_s + begin), softmax_stats(t, n, inv_temp, e_t + begin)};
+    const auto [offset, n, s, t] = block_logits(buf, r, b, true);
+    const int64_t begin = b * kClassBlock, end = offset + n, ahead = bytes_after(end);
+    const auto next = [end](const scalar_t* all) { return reinterpret_cast<const char*>(all + end); };
+    return KDBlockStats<acc_t>{softmax_stats(s, n, inv_temp, e_s + begin, next(s_all), ahead),
+                               softmax_stats(t, n, inv_temp, e_t + begin, next(t_all), ahead)};
   };
   const auto terms_pass = [&](KDBuffers<scalar_t>& buf, int64_t r, int64_t b, const acc_t* e_s, const acc_t* e_t,
                               const KDBlockStats<acc_t>& stats, const KDRowOfBlocks<acc_t>& row) {
-    const auto [offset, n, s, t] = block_logits(buf, r, b);
+    const auto [offset, n, s, t] = block_logits(buf, r, b, reload);
     const int64_t begin = b * kClassBlock;
     const auto block = kd_block(s, t, e_s + begin, e_t + begin, n, stats, row);
     const acc_t kl = kd_block_terms(block, row.row, gs_all ? buf.grad.data(gs_all + offset) : nullptr);
@@ -206,7 +226,7 @@ void kd_typed(const at::Tensor& student, const at::Tensor& teacher, double tempe
   };
   const auto teacher_pass = [&](KDBuffers<scalar_t>& buf, int64_t r, int64_t b, const acc_t* e_s, const acc_t* e_t,
                                 const KDBlockStats<acc_t>& stats, const KDRowOfBlocks<acc_t>& row, acc_t kl) {
-    const auto [offset, n, s, t] = block_logits(buf, r, b);
+    const auto [offset, n, s, t] = block_logits(buf, r, b, reload);
     const int64_t begin = b * kClassBlock;
     kd_block_teacher_grad(kd_block(s, t, e_s + begin, e_t + begin, n, stats, row), row.row, kl,
                           buf.grad.data(gt_all + offset));
