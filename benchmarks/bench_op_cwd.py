@@ -3,6 +3,8 @@ ICCV 2021) between a student's and a detached teacher's logit or feature maps, a
 shapes."""
 from __future__ import annotations
 
+import torch
+
 import ofdkern
 from ofdkern import reference
 
@@ -14,11 +16,25 @@ CWD = "cwd"
 CWD_TEMPERATURE = 1.0
 
 
+CHANNELS_LAST = "channels_last"
+
+
 def cwd_groups() -> dict[str, list[tuple[str, tuple[int, ...]]]]:
     """(N, C, H, W): Cityscapes logits (19 classes at 1/8 of 1024x2048, batch 8), ADE20K-like logits (150 classes
-    at 64x64, batch 16) and an FPN level of a detector (256 channels at 100x152, batch 2)."""
+    at 64x64, batch 16) and an FPN level of a detector (256 channels at 100x152, batch 2); in the group
+    "channels_last", two of them in that memory format (heads run under it produce such maps)."""
     return {"segmentation": [("Cityscapes logits b8", (8, 19, 128, 256)), ("ADE20K logits b16", (16, 150, 64, 64))],
-            "detection": [("FPN P3 b2", (2, 256, 100, 152))]}
+            "detection": [("FPN P3 b2", (2, 256, 100, 152))],
+            CHANNELS_LAST: [("Cityscapes logits b8 channels_last", (8, 19, 128, 256)),
+                            ("FPN P3 b2 channels_last", (2, 256, 100, 152))]}
+
+
+def _cwd_inputs(case: Case, device: str) -> cases.LossInputs:
+    inputs = cases.pair_inputs(case, device)
+    if case.group != CHANNELS_LAST:
+        return inputs
+    student, teacher = (x.detach().to(memory_format=torch.channels_last) for x in inputs.args)
+    return cases.LossInputs(args=(student.requires_grad_(), teacher), grad_inputs=(student,))
 
 
 _CWD_ALL = tuple(label for entries in cwd_groups().values() for label, _ in entries)
@@ -38,7 +54,7 @@ OP = cases.OpBench(
     name=CWD,
     title="Channel-wise distillation (`ofdkern.cwd_loss`)",
     plan=lambda device, quick: cases.dtype_plan(CWD, cwd_groups(), _CWD_QUICK, device, quick),
-    make_inputs=cases.pair_inputs,
+    make_inputs=_cwd_inputs,
     providers=lambda device, compile_dynamic: cases.loss_providers(
         CWD, device, compile_dynamic, _reference_cwd, _fused_cwd) + cases.copy_roofline_providers(),
     floor=cases.COPY_ROOFLINE,
@@ -53,7 +69,7 @@ OP = cases.OpBench(
                                 for label, shape in (("voc-logits-b2", (2, 21, 32, 32)), ("fpn-p5-b1", (1, 64, 25, 38)))
                                 for dtype in ("fp32", "bf16")],
     notes=(f"Temperature {CWD_TEMPERATURE:g}, reduction \"mean\" (sum over maps / (N C), mmrazor's "
-           "`ChannelWiseDivergence`); NCHW maps.",),
+           "`ChannelWiseDivergence`); NCHW maps, except the group channels_last.",),
     targets=(
         Target("speedup_vs_best_baseline", ">=", 1.5, _CWD_ALL),
         Target("ratio_vs_floor", "<=", 2.0, _CWD_ALL),

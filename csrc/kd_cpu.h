@@ -16,6 +16,10 @@ namespace ofdkern {
 struct KDCpuKernels {
   // Logits of N > 0 rows of K > 0 classes.
   void (*kd)(const at::Tensor& student, const at::Tensor& teacher, double temperature, const KDOutputs& outputs);
+  // Channel-wise distillation of channels_last (N, C, *spatial) maps with N, C and positions > 0
+  // (cwd_fused.h): the bits kd gives on their NCHW rows.
+  void (*cwd_channels_last)(const at::Tensor& student, const at::Tensor& teacher, double temperature,
+                            const KDOutputs& outputs);
 };
 
 OFDKERN_CPU_KERNEL_TABLE(KDCpuKernels, kKDCpuKernels)

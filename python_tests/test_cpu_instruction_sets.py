@@ -67,6 +67,16 @@ for dtype, batch in ((torch.float32, 44), (torch.bfloat16, 86), (torch.float64, 
     assert streamed.nbytes >= 16 << 20 > stored.nbytes, (streamed.nbytes, stored.nbytes)
     assert torch.equal(streamed[1:4], stored), dtype
     assert torch.equal(streamed[-1:], torch.ops.ofdkern.attention_map_backward(feature[-1:], grad_map[-1:], 3.0))
+# CWD's channels_last kernel (its transposing copies, its scaling of the gradient) gives the NCHW path's bits.
+for dtype in (torch.float32, torch.bfloat16, torch.float64):
+    s, t = (torch.randn(2, 37, 9, 11, generator=gen).to(dtype) for _ in range(2))
+    runs = []
+    for layout in (torch.contiguous_format, torch.channels_last):
+        leaf = s.to(memory_format=layout).requires_grad_()
+        loss = ofdkern.cwd_loss(leaf, t.to(memory_format=layout), temperature=2.0, backend="cpu")
+        runs.append((loss, *torch.autograd.grad(loss, leaf)))
+    assert runs[1][1].is_contiguous(memory_format=torch.channels_last), dtype
+    assert all(torch.equal(a, b) for a, b in zip(*runs)), dtype
 print(torch.backends.cpu.get_cpu_capability(), worst)
 """
 

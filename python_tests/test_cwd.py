@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import ofdkern
 from ofdkern import reference
 
-from conftest import backend_cases
+from conftest import STATUS, backend_cases
 from loss_checks import interpreted
 
 BACKEND_CASES = backend_cases("cwd_loss")
@@ -74,6 +74,42 @@ def test_channels_last_gives_the_bits_of_nchw(device, backend):
 
     for a, b in zip(run(torch.contiguous_format), run(torch.channels_last)):
         assert torch.equal(a, b)
+
+
+@pytest.mark.skipif("ofdkern::cwd_channels_last_fused" not in STATUS["cpu"].get("ops", ()),
+                    reason="needs the extension")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+def test_cpu_channels_last_kernel_gives_the_bits_of_nchw(dtype):
+    # The CPU runs channels_last maps through a kernel of their own (groups of 16 channels copied into rows):
+    # 37 channels (a partial group), 70x70 positions (rows of two KD blocks), 5-D maps; the teacher's gradient
+    # too. Its gradients keep the maps' layout, which the copying path would not.
+    for shape, layout in (((2, 37, 9, 11), torch.channels_last), ((2, 20, 70, 70), torch.channels_last),
+                          ((2, 5, 3, 4, 6), torch.channels_last_3d)):
+        s, t = maps(shape, dtype, seed=3)
+
+        def run(memory_format):
+            student = s.to(memory_format=memory_format).requires_grad_()
+            teacher = t.to(memory_format=memory_format).requires_grad_()
+            loss = ofdkern.cwd_loss(student, teacher, temperature=2.0, reduction="none", backend="cpu")
+            return (loss, *torch.autograd.grad(loss.sum(), (student, teacher)))
+
+        nchw, channels_last = run(torch.contiguous_format), run(layout)
+        for a, b in zip(nchw, channels_last):
+            assert torch.equal(a, b), shape
+        assert all(g.is_contiguous(memory_format=layout) for g in channels_last[1:]), shape
+
+
+def test_cpu_channels_last_kernel_refuses_other_layouts():
+    if "ofdkern::cwd_channels_last_fused" not in STATUS["cpu"].get("ops", ()):
+        pytest.skip("needs the extension")
+    x = torch.randn(2, 3, 4, 5)
+    with pytest.raises(ValueError, match="channels innermost"):
+        torch.ops.ofdkern.cwd_channels_last_fused(x, x, 1.0, True, False)
+    y = x.to(memory_format=torch.channels_last)
+    with pytest.raises(ValueError, match="1 to 3 spatial dims"):
+        torch.ops.ofdkern.cwd_channels_last_fused(y[:, :, 0, 0], y[:, :, 0, 0], 1.0, True, False)
+    with pytest.raises(ValueError, match="temperature"):
+        torch.ops.ofdkern.cwd_channels_last_fused(y, y, 0.0, True, False)
 
 
 def test_bad_inputs_raise_clear_errors():

@@ -3,8 +3,10 @@ as a torch.library custom op.
 
 Each channel's map is a softmax over its positions, so the loss is soft-label KD whose rows are the N * C maps:
 the op runs the KD kernels (kd.py, csrc/kd_fused.h) on the (N * C, positions) view of NCHW maps, loss and
-gradients in one call. A channels_last map's rows are not contiguous; it is copied to NCHW first (one read and
-write of each map, next to the kernel's read of both and write of the gradient).
+gradients in one call. A channels_last map's rows are not contiguous: on the CPU a kernel of its own
+(csrc/cwd_fused.h) runs the KD row passes on a few channels at a time and returns gradients in the maps'
+layout, with the bits of the NCHW path; the other backends copy the maps to NCHW first (one read and write of
+each map, next to the kernel's read of both and write of the gradient).
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import math
 import torch
 
 from .. import reference
-from .._backends import Backend, register_op, resolve
+from .._backends import Backend, has_kernel, register_op, resolve
 from .._dtypes import result_dtype
 from .._validation import check_cwd_args
 from ._autograd import backward_scale, fused_op, input_gradient, setup_scaled_backward
@@ -21,11 +23,22 @@ from ._common import autocast_loss, autocast_off, divide_by_count
 from . import kd
 
 CWD = register_op("cwd_loss", cpu=Backend(kd.KD_KERNELS), cuda=Backend(kd.KD_KERNELS), triton=Backend())
+_CPU_CHANNELS_LAST = has_kernel("cpu", "ofdkern::cwd_channels_last_fused")
 
 
 def _reduction_count(shape: torch.Size, reduction: str) -> int:
     """What the summed terms are divided by: N * C ("mean", mmrazor's), N ("batchmean"), else 1."""
     return {"mean": shape[0] * shape[1], "batchmean": shape[0]}.get(reduction, 1)
+
+
+def _channels_innermost(maps: torch.Tensor) -> bool:
+    return maps.permute(0, *range(2, maps.dim()), 1).is_contiguous()
+
+
+def _channels_last_kernel(student: torch.Tensor, teacher: torch.Tensor, backend: str) -> bool:
+    """Whether the maps go to the CPU kernel of channels_last maps rather than to the KD kernel on NCHW rows."""
+    return (backend == "cpu" and _CPU_CHANNELS_LAST and student.dim() > 2 and not student.is_contiguous()
+            and _channels_innermost(student) and _channels_innermost(teacher))
 
 
 def _rows(maps: torch.Tensor) -> torch.Tensor:
@@ -38,11 +51,16 @@ def cwd_loss_fused(student: torch.Tensor, teacher: torch.Tensor, temperature: fl
                    grad_student: bool, grad_teacher: bool, in_place_backward: bool
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (loss, d sum(terms)/d student, d sum(terms)/d teacher); the gradients are contiguous (NCHW), or
-    empty when not asked for."""
+    in the maps' channels_last layout where the CPU kernel of those runs, or empty when not asked for."""
     with autocast_off(student.device):
         dtype = result_dtype(student, teacher)
-        row_loss, d_student, d_teacher = kd.kd_kernel(backend)(_rows(student.to(dtype)), _rows(teacher.to(dtype)),
-                                                               temperature, grad_student, grad_teacher)
+        student, teacher = student.to(dtype), teacher.to(dtype)
+        if _channels_last_kernel(student, teacher, backend):
+            row_loss, d_student, d_teacher = torch.ops.ofdkern.cwd_channels_last_fused(
+                student, teacher, temperature, grad_student, grad_teacher)
+        else:
+            row_loss, d_student, d_teacher = kd.kd_kernel(backend)(_rows(student), _rows(teacher), temperature,
+                                                                   grad_student, grad_teacher)
         if reduction == "none":
             loss = row_loss.view(student.shape[:2])
         else:
@@ -58,9 +76,12 @@ def cwd_loss_fused(student: torch.Tensor, teacher: torch.Tensor, temperature: fl
 def _(student, teacher, temperature, reduction, backend, grad_student, grad_teacher, in_place_backward):
     dtype = result_dtype(student, teacher)
     loss = student.new_empty(student.shape[:2] if reduction == "none" else (), dtype=dtype)
+    layout = torch.preserve_format if _channels_last_kernel(student, teacher, backend) else torch.contiguous_format
 
     def maybe(wanted):
-        return student.new_empty(student.shape if wanted else (0,), dtype=dtype)
+        if not wanted:
+            return student.new_empty((0,), dtype=dtype)
+        return torch.empty_like(student, dtype=dtype, memory_format=layout)
 
     return loss, maybe(grad_student), maybe(grad_teacher)
 
