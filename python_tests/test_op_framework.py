@@ -221,8 +221,9 @@ def test_tensors_on_a_device_other_than_the_current_one(case, device, backend, d
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 def test_triton_scale_kernel_rounds_once(dtype):
     # The Triton backends scale saved gradients by grad_output with this kernel on a GPU only (CPU tensors take
-    # the extension's scale_, below): here it runs directly, at the interpreter's blocks and at a GPU's (10,001 elements: three
-    # blocks of 4,096, the last partial). The factor stays in the accumulation dtype: one rounding per element.
+    # the extension's scale_, below, or torch's mul_ without it): here it runs directly, at the interpreter's
+    # blocks and at a GPU's (10,001 elements: three blocks of 4,096, the last partial). The factor stays in the
+    # accumulation dtype: one rounding per element.
     from ofdkern._dtypes import accumulation_dtype
     from ofdkern.kernels.scale_triton import scale_triton_
     from ofdkern.kernels.triton_helpers import gpu_launch_sizes
