@@ -38,6 +38,7 @@
 #include <vector>
 
 #include "accumulation.h"
+#include "layout.h"
 
 namespace ofdkern {
 
@@ -58,20 +59,7 @@ inline AlignFeature align_feature(const at::Tensor& feature, const char* name) {
   const int64_t batch = feature.size(0), channels = feature.size(1);
   const int64_t positions = feature.numel() / std::max<int64_t>(batch * channels, 1);
   if (feature.is_contiguous()) return {feature.view({batch, channels, positions}), false};
-  // Channels innermost: the strides channels_last (or channels_last_3d, or a (N, L, C) transpose) gives; the
-  // stride of a size-1 dim is free.
-  std::vector<int64_t> expected(feature.dim());
-  int64_t step = channels;
-  for (int64_t d = feature.dim() - 1; d >= 2; --d) {
-    expected[d] = step;
-    step *= feature.size(d);
-  }
-  expected[1] = 1;
-  expected[0] = step;
-  bool inner = true;
-  for (int64_t d = 0; d < feature.dim(); ++d)
-    inner = inner && (feature.size(d) == 1 || feature.stride(d) == expected[d]);
-  TORCH_CHECK_VALUE(inner, "align_fused: ", name, " must be contiguous or channels_last, got strides ",
+  TORCH_CHECK_VALUE(channels_innermost(feature), "align_fused: ", name, " must be contiguous or channels_last, got strides ",
                     feature.strides(), " for shape ", feature.sizes());
   return {at::as_strided(feature, {batch, channels, positions}, {positions * channels, 1, channels}), true};
 }

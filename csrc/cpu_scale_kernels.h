@@ -25,7 +25,8 @@ void scale_typed(const at::Tensor& gradient, const at::Tensor& factor) {
   const Vec by(*factor.const_data_ptr<acc_t>());
   const int64_t numel = gradient.numel();
   at::parallel_for(0, (numel + step - 1) / step, kScaleGrainPairs, [&](int64_t first, int64_t last) {
-    for (int64_t i = first * step; i < std::min(last * step, numel); i += step) {
+    const int64_t end = std::min(last * step, numel);
+    for (int64_t i = first * step; i < end; i += step) {
       const int64_t n = std::min(step, numel - i);
       const VectorPair<acc_t> v = load_pair(data + i, n);
       store_pair(data + i, VectorPair<acc_t>{v.low * by, v.high * by}, n);

@@ -12,25 +12,11 @@
 
 #include <ATen/ATen.h>
 
-#include <cmath>
-#include <tuple>
-
-#include "accumulation.h"
 #include "empty_like.h"
 #include "kd_fused.h"
+#include "layout.h"
 
 namespace ofdkern {
-
-// Whether the channels are innermost and the rest dense in (N, *spatial) order: channels_last (3d) strides.
-inline bool channels_innermost(const at::Tensor& maps) {
-  if (maps.size(1) != 1 && maps.stride(1) != 1) return false;
-  int64_t expected = maps.size(1);
-  for (int64_t d = maps.dim() - 1; d >= 2; --d) {
-    if (maps.size(d) != 1 && maps.stride(d) != expected) return false;
-    expected *= maps.size(d);
-  }
-  return maps.size(0) == 1 || maps.stride(0) == expected;
-}
 
 inline KDOutputs allocate_cwd_channels_last_outputs(const at::Tensor& student, const at::Tensor& teacher,
                                                     double temperature, bool grad_student, bool grad_teacher,
@@ -38,24 +24,11 @@ inline KDOutputs allocate_cwd_channels_last_outputs(const at::Tensor& student, c
   TORCH_CHECK_VALUE(student.dim() >= 3 && student.dim() <= 5,
                     "cwd_channels_last_fused: maps must be (N, C, *spatial) with 1 to 3 spatial dims, got shape ",
                     student.sizes());
-  TORCH_CHECK_VALUE(student.sizes() == teacher.sizes(), "cwd_channels_last_fused: student ", student.sizes(),
-                    " and teacher ", teacher.sizes(), " differ in shape");
-  TORCH_CHECK_TYPE(student.scalar_type() == teacher.scalar_type(), "cwd_channels_last_fused: student dtype ",
-                   student.scalar_type(), " differs from teacher dtype ", teacher.scalar_type());
-  TORCH_CHECK_TYPE(at::isFloatingType(student.scalar_type()),
-                   "cwd_channels_last_fused: maps must be floating point, got ", student.scalar_type());
-  TORCH_CHECK_VALUE(channels_innermost(student) && channels_innermost(teacher),
-                    "cwd_channels_last_fused: maps must be dense with the channels innermost (channels_last)");
-  TORCH_CHECK_VALUE(student.device() == teacher.device(),
-                    "cwd_channels_last_fused: student and teacher must be on one device");
-  TORCH_CHECK_VALUE(temperature > 0 && std::isfinite(temperature),
-                    "cwd_channels_last_fused: temperature must be positive and finite, got ", temperature);
-  const auto acc_options = student.options().dtype(accumulation_dtype(student.scalar_type()));
-  auto maybe = [empty_like](bool wanted, const at::Tensor& like) {
-    return wanted ? empty_like(like, like.options()) : at::empty({0}, like.options());
-  };
-  return {at::empty({student.size(0) * student.size(1)}, acc_options), maybe(grad_student, student),
-          maybe(grad_teacher, teacher)};
+  check_kd_pair("cwd_channels_last_fused", "maps", student, teacher, temperature,
+                [&] { return channels_innermost(student) && channels_innermost(teacher); },
+                "dense with the channels innermost (channels_last)");
+  return allocate_kd_pair_outputs(student.size(0) * student.size(1), student, teacher, grad_student, grad_teacher,
+                                  empty_like);
 }
 
 }  // namespace ofdkern

@@ -232,7 +232,8 @@ class KDPasses {
     return kl;
   }
 
-  acc_t row_loss(acc_t kl) const { return kl * temp_squared_; }
+  // A row's loss from its KL: KL * T^2.
+  acc_t loss(acc_t kl) const { return kl * temp_squared_; }
 
   // Rows [first, last) one after the other on this thread, each row's passes back to back (its logits and e
   // in this thread's cache); row_loss[r - first] gets row r's loss.
@@ -249,7 +250,7 @@ class KDPasses {
       const KDRowOfBlocks<acc_t> merged = row(block_stats.data());
       for (int64_t b = 0; b < blocks_; ++b) block_kl[b] = terms(buf, r, b, e_s, e_t, block_stats[b], merged);
       const acc_t kl = row_kl(block_kl.data());
-      row_loss[r - first] = this->row_loss(kl);
+      row_loss[r - first] = loss(kl);
       if (gt_) {
         for (int64_t b = 0; b < blocks_; ++b) teacher(buf, r, b, e_s, e_t, block_stats[b], merged, kl);
       }
@@ -333,7 +334,7 @@ void kd_typed(const at::Tensor& student, const at::Tensor& teacher, double tempe
     });
     for (int64_t g = 0; g < count; ++g) {
       row_kl[g] = passes.row_kl(&block_kl[g * blocks]);
-      row_loss[first_row + g] = passes.row_loss(row_kl[g]);
+      row_loss[first_row + g] = passes.loss(row_kl[g]);
     }
     if (passes.teacher_grad()) {
       for_each_block([&](KDBuffers<scalar_t>& buf, int64_t g, int64_t b, acc_t* e_s, acc_t* e_t) {

@@ -8,8 +8,8 @@ import torch
 
 def channels_innermost(feature: torch.Tensor) -> bool:
     """Dense with the channels innermost: the strides channels_last (channels_last_3d, an (N, L, C) transpose)
-    gives an (N, C, ...) tensor. A size-1 dim's stride is free. (The C++ twin: align_feature in
-    csrc/align_fused.h.)"""
+    gives an (N, C, ...) tensor. A size-1 dim's stride is free. (The C++ twin: channels_innermost
+    in csrc/layout.h.)"""
     step = feature.shape[1]
     expected = [0] * feature.dim()
     for dim in range(feature.dim() - 1, 1, -1):

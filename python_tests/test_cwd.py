@@ -63,21 +63,28 @@ def test_fp32_accuracy_is_at_least_eager(device, backend):
         assert ours <= max(2e-7, theirs), (fused, eager)
 
 
+def loss_and_grads(s, t, memory_format, backend, temperature=1.0, teacher_grad=False):
+    """cwd_loss (reduction "none") of s and t in memory_format, and the gradients of its sum: the student's, and
+    the teacher's when teacher_grad."""
+    student = s.to(memory_format=memory_format).requires_grad_()
+    teacher = t.to(memory_format=memory_format).requires_grad_(teacher_grad)
+    loss = ofdkern.cwd_loss(student, teacher, temperature=temperature, reduction="none", backend=backend)
+    return (loss, *torch.autograd.grad(loss.sum(), (student, teacher) if teacher_grad else (student,)))
+
+
 @pytest.mark.parametrize("device,backend", BACKEND_CASES)
 def test_channels_last_gives_the_bits_of_nchw(device, backend):
     s, t = maps((2, 4, 5, 6), torch.float32, device, seed=2)
-
-    def run(layout):
-        leaf = s.to(memory_format=layout).requires_grad_()
-        loss = ofdkern.cwd_loss(leaf, t.to(memory_format=layout), reduction="none", backend=backend)
-        return loss, torch.autograd.grad(loss.sum(), leaf)[0]
-
-    for a, b in zip(run(torch.contiguous_format), run(torch.channels_last)):
+    for a, b in zip(loss_and_grads(s, t, torch.contiguous_format, backend),
+                    loss_and_grads(s, t, torch.channels_last, backend)):
         assert torch.equal(a, b)
 
 
-@pytest.mark.skipif("ofdkern::cwd_channels_last_fused" not in STATUS["cpu"].get("ops", ()),
-                    reason="needs the extension")
+needs_channels_last_kernel = pytest.mark.skipif(
+    "ofdkern::cwd_channels_last_fused" not in STATUS["cpu"].get("ops", ()), reason="needs the extension")
+
+
+@needs_channels_last_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
 def test_cpu_channels_last_kernel_gives_the_bits_of_nchw(dtype):
     # The CPU runs channels_last maps through a kernel of their own (groups of 16 channels copied into rows):
@@ -86,22 +93,15 @@ def test_cpu_channels_last_kernel_gives_the_bits_of_nchw(dtype):
     for shape, layout in (((2, 37, 9, 11), torch.channels_last), ((2, 20, 70, 70), torch.channels_last),
                           ((2, 5, 3, 4, 6), torch.channels_last_3d)):
         s, t = maps(shape, dtype, seed=3)
-
-        def run(memory_format):
-            student = s.to(memory_format=memory_format).requires_grad_()
-            teacher = t.to(memory_format=memory_format).requires_grad_()
-            loss = ofdkern.cwd_loss(student, teacher, temperature=2.0, reduction="none", backend="cpu")
-            return (loss, *torch.autograd.grad(loss.sum(), (student, teacher)))
-
-        nchw, channels_last = run(torch.contiguous_format), run(layout)
+        nchw, channels_last = (loss_and_grads(s, t, memory_format, "cpu", temperature=2.0, teacher_grad=True)
+                               for memory_format in (torch.contiguous_format, layout))
         for a, b in zip(nchw, channels_last):
             assert torch.equal(a, b), shape
         assert all(g.is_contiguous(memory_format=layout) for g in channels_last[1:]), shape
 
 
+@needs_channels_last_kernel
 def test_cpu_channels_last_kernel_refuses_other_layouts():
-    if "ofdkern::cwd_channels_last_fused" not in STATUS["cpu"].get("ops", ()):
-        pytest.skip("needs the extension")
     x = torch.randn(2, 3, 4, 5)
     with pytest.raises(ValueError, match="channels innermost"):
         torch.ops.ofdkern.cwd_channels_last_fused(x, x, 1.0, True, False)

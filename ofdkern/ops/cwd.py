@@ -17,6 +17,7 @@ import torch
 from .. import reference
 from .._backends import Backend, has_kernel, register_op, resolve
 from .._dtypes import result_dtype
+from .._layout import channels_innermost
 from .._validation import check_cwd_args
 from ._autograd import backward_scale, fused_op, input_gradient, setup_scaled_backward
 from ._common import autocast_loss, autocast_off, divide_by_count
@@ -31,14 +32,10 @@ def _reduction_count(shape: torch.Size, reduction: str) -> int:
     return {"mean": shape[0] * shape[1], "batchmean": shape[0]}.get(reduction, 1)
 
 
-def _channels_innermost(maps: torch.Tensor) -> bool:
-    return maps.permute(0, *range(2, maps.dim()), 1).is_contiguous()
-
-
 def _channels_last_kernel(student: torch.Tensor, teacher: torch.Tensor, backend: str) -> bool:
     """Whether the maps go to the CPU kernel of channels_last maps rather than to the KD kernel on NCHW rows."""
     return (backend == "cpu" and _CPU_CHANNELS_LAST and student.dim() > 2 and not student.is_contiguous()
-            and _channels_innermost(student) and _channels_innermost(teacher))
+            and channels_innermost(student) and channels_innermost(teacher))
 
 
 def _rows(maps: torch.Tensor) -> torch.Tensor:
