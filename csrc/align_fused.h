@@ -59,8 +59,9 @@ inline AlignFeature align_feature(const at::Tensor& feature, const char* name) {
   const int64_t batch = feature.size(0), channels = feature.size(1);
   const int64_t positions = feature.numel() / std::max<int64_t>(batch * channels, 1);
   if (feature.is_contiguous()) return {feature.view({batch, channels, positions}), false};
-  TORCH_CHECK_VALUE(channels_innermost(feature), "align_fused: ", name, " must be contiguous or channels_last, got strides ",
-                    feature.strides(), " for shape ", feature.sizes());
+  TORCH_CHECK_VALUE(channels_innermost(feature), "align_fused: ", name,
+                    " must be contiguous or channels_last, got strides ", feature.strides(), " for shape ",
+                    feature.sizes());
   return {at::as_strided(feature, {batch, channels, positions}, {positions * channels, 1, channels}), true};
 }
 

@@ -14,7 +14,6 @@
 #pragma once
 
 #include "cpu_vec.h"
-#include "cwd_fused.h"
 #include "kd_fused.h"
 #include "kd_math.h"
 
@@ -358,21 +357,17 @@ constexpr int64_t kChannelGroup = 16;
 // of their own, kChannelGroup of them per tile, a stride the hardware prefetcher follows too late.
 constexpr int64_t kTilesAhead = 2;
 
-// Asks for the lines of `count` channels at the positions kTilesAhead tiles after p0 (for writing: `write`).
-template <typename scalar_t>
+// Asks for the lines of `count` channels at the positions kTilesAhead tiles after p0 (for writing: kWrite, a
+// template argument as __builtin_prefetch needs a constant).
+template <bool kWrite, typename scalar_t>
 OFDKERN_INLINE_VEC void prefetch_tile_ahead(const scalar_t* maps, int64_t channels, int64_t positions,
-                                            int64_t count, int64_t p0, bool write) {
+                                            int64_t count, int64_t p0) {
   const int64_t first = p0 + kTilesAhead * kChannelGroup;
   const int64_t last = std::min(first + kChannelGroup, positions);
   for (int64_t p = first; p < last; ++p) {
     const scalar_t* position = maps + p * channels;
-    if (write) {
-      __builtin_prefetch(position, 1, 3);
-      __builtin_prefetch(position + count - 1, 1, 3);
-    } else {
-      __builtin_prefetch(position, 0, 3);
-      __builtin_prefetch(position + count - 1, 0, 3);
-    }
+    __builtin_prefetch(position, kWrite, 3);
+    __builtin_prefetch(position + count - 1, kWrite, 3);
   }
 }
 
@@ -385,7 +380,7 @@ void gather_channel_rows(const scalar_t* maps, int64_t channels, int64_t positio
   using acc_t = accumulation_t<scalar_t>;
   for (int64_t p0 = 0; p0 < positions; p0 += kChannelGroup) {
     const int tile_positions = static_cast<int>(std::min(kChannelGroup, positions - p0));
-    prefetch_tile_ahead(maps, channels, positions, count, p0, false);
+    prefetch_tile_ahead<false>(maps, channels, positions, count, p0);
     if constexpr (std::is_same_v<scalar_t, acc_t>) {
       at::vec::transpose_mxn<acc_t>(maps + p0 * channels, channels, rows + p0, positions, tile_positions,
                                     static_cast<int>(count));
@@ -405,7 +400,7 @@ void scatter_channel_rows(const accumulation_t<scalar_t>* rows, int64_t channels
   using acc_t = accumulation_t<scalar_t>;
   for (int64_t p0 = 0; p0 < positions; p0 += kChannelGroup) {
     const int tile_positions = static_cast<int>(std::min(kChannelGroup, positions - p0));
-    prefetch_tile_ahead(maps, channels, positions, count, p0, true);
+    prefetch_tile_ahead<true>(maps, channels, positions, count, p0);
     if constexpr (std::is_same_v<scalar_t, acc_t>) {
       at::vec::transpose_mxn<acc_t>(rows + p0, positions, maps + p0 * channels, channels, static_cast<int>(count),
                                     tile_positions);
